@@ -1,0 +1,54 @@
+"""How much each unit of a group matters, for choosing what to prune.
+
+* ``magnitude``: the L2 norm of the unit's incoming and outgoing weights together.
+* ``taylor``: the first-order estimate of the loss change when the unit is removed,
+  ``|sum over the unit's parameters of w * dL/dw|`` (Molchanov et al., 2019), on ``batch``
+  (or on the gradients already in ``.grad`` when no batch is given).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptnet.edit._probe import LossFn, backward_on
+from adaptnet.edit._transaction import Snapshot
+from adaptnet.errors import EditError
+from adaptnet.nn.groups import UnitGroup
+
+IMPORTANCES = ("magnitude", "taylor")
+
+
+def _per_unit(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1).to(torch.float64).sum(dim=1)
+
+
+def magnitude(group: UnitGroup) -> torch.Tensor:
+    """``(n_units,)`` L2 norms over the unit's ``out`` and ``in`` slices."""
+    squares = [_per_unit(sl.tensor.detach() ** 2, sl.dim) for sl in group.slices if sl.role != "norm"]
+    return torch.stack(squares).sum(dim=0).sqrt()
+
+
+def taylor(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """``(n_units,)`` first-order Taylor importance."""
+    params = [sl for sl in group.slices if isinstance(sl.tensor, nn.Parameter)]
+
+    def score() -> torch.Tensor:
+        terms = []
+        for sl in params:
+            grad = sl.tensor.grad
+            if grad is None:
+                raise EditError("importance='taylor' needs batch=(inputs, targets) and loss_fn=, or gradients in .grad")
+            terms.append(_per_unit(sl.tensor.detach() * grad, sl.dim))
+        return torch.stack(terms).sum(dim=0).abs()
+
+    if batch is None:
+        return score()
+    snapshot = Snapshot(model, None)
+    try:
+        backward_on(model, batch, loss_fn, "importance='taylor'")
+        return score()
+    finally:
+        snapshot.restore()

@@ -1,0 +1,138 @@
+"""Initialisers for widening: each turns a request for ``by`` new units into an index map
+plus the values of the fresh units.
+
+* ``net2net``: new units copy existing ones; each copy and its original share the original
+  outgoing weights (``1/count`` each). Exact. With ``noise > 0`` the shares are perturbed
+  (``1/count + eps`` for a copy, minus the copies' ``eps`` for the original) so they still
+  sum to 1: symmetry is broken while the function stays exact up to rounding.
+* ``zero``: random incoming weights (a fresh layer's init), zero outgoing weights. Exact.
+* ``gradmax``: zero incoming weights, outgoing weights along the top left singular vectors
+  of the gradient the new incoming weights would receive (Evci et al., ICLR 2022). Exact,
+  since every activation maps 0 to 0; the matrix is measured by autograd with one probe unit
+  per outgoing coordinate, so it holds for any consumer (Linear, Conv, residual partners).
+* ``random``: random incoming and outgoing weights; the non-preserving baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptnet.edit._apply import apply_index_map
+from adaptnet.edit._probe import LossFn, backward_on
+from adaptnet.edit._transaction import Snapshot
+from adaptnet.edit.index_map import IndexMap
+from adaptnet.nn.groups import Slice, UnitGroup
+
+INITS = ("net2net", "zero", "gradmax", "random")
+Plan = tuple[IndexMap, dict[int, torch.Tensor]]
+
+
+def _uniform(shape: list[int], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    values = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
+    return (values * bound).to(device=like.device, dtype=like.dtype)
+
+
+def _fresh_shape(sl: Slice, n: int) -> list[int]:
+    shape = list(sl.tensor.shape)
+    shape[sl.dim] = n
+    return shape
+
+
+def _fan_in(sl: Slice, n_new: int) -> int:
+    """Fan-in of the layer owning ``sl`` after the edit (for a fresh layer's init bound)."""
+    weight: torch.Tensor = getattr(sl.module, "weight")  # noqa: B009  (typed as a tensor)
+    per_row = weight[0].numel()
+    if sl.role == "in":  # the consumer's rows grow by the new columns
+        per_row = per_row // weight.shape[1] * n_new
+    return max(1, per_row)
+
+
+def _random_fresh(
+    group: UnitGroup, by: int, roles: tuple[str, ...], generator: torch.Generator | None
+) -> dict[int, torch.Tensor]:
+    n_new = group.size + by
+    return {
+        k: _uniform(_fresh_shape(sl, by), 1 / math.sqrt(_fan_in(sl, n_new)), sl.tensor, generator)
+        for k, sl in enumerate(group.slices)
+        if sl.role in roles
+    }
+
+
+def net2net(group: UnitGroup, by: int, generator: torch.Generator | None, noise: float) -> Plan:
+    n = group.size
+    # Split every unit equally often first (which keeps LayerNorm statistics exact when
+    # ``by`` is a multiple of the width), then random distinct units for the remainder.
+    sources = torch.cat([torch.arange(n).repeat(by // n), torch.randperm(n, generator=generator)[: by % n]])
+    full = torch.cat([torch.arange(n), sources])
+    counts = torch.bincount(full, minlength=n).to(torch.float64)
+    scale = 1.0 / counts[full]
+    if noise > 0:
+        eps = torch.randn(by, generator=generator, dtype=torch.float64) * noise * scale[n:]
+        scale[n:] += eps
+        scale[:n] -= torch.zeros(n, dtype=torch.float64).index_add_(0, sources, eps)
+    return IndexMap.append(n, sources, scale), {}
+
+
+def zero(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
+    return IndexMap.append(group.size, torch.full((by,), -1)), _random_fresh(group, by, ("out",), generator)
+
+
+def random(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
+    return IndexMap.append(group.size, torch.full((by,), -1)), _random_fresh(group, by, ("out", "in"), generator)
+
+
+def _columns(sl: Slice, t: torch.Tensor) -> torch.Tensor:
+    """``(n_units, per-unit numel)``: each unit's slice of ``t`` flattened."""
+    return t.movedim(sl.dim, 0).reshape(t.shape[sl.dim], -1)
+
+
+def _from_columns(sl: Slice, cols: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_columns`` for ``cols`` of shape ``(n, per-unit numel)``."""
+    moved = list(sl.tensor.movedim(sl.dim, 0).shape)
+    return cols.reshape([cols.shape[0], *moved[1:]]).movedim(0, sl.dim)
+
+
+def gradmax(
+    model: nn.Module,
+    group: UnitGroup,
+    by: int,
+    batch: Any,
+    loss_fn: LossFn | None,
+) -> Plan:
+    n = group.size
+    consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
+    widths = [_columns(sl, sl.tensor).shape[1] for _, sl in consumers]
+    d_out = sum(widths)
+    ref = consumers[0][1].tensor
+    # Probe: d_out fresh units with zero incoming weights; unit i writes the one-hot e_i
+    # into the concatenated consumer columns. Its incoming gradient is then row i of M,
+    # where the gradient for outgoing weights w is w^T M (linear in w).
+    eye = torch.eye(d_out, dtype=ref.dtype, device=ref.device)
+    probe = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, eye.split(widths, dim=1), strict=True)}
+    snapshot = Snapshot(model, None)
+    try:
+        apply_index_map(group, IndexMap.append(n, torch.full((d_out,), -1)), probe, None)
+        backward_on(model, batch, loss_fn, "init='gradmax'")
+        rows = []
+        for sl in group.slices:
+            if sl.role == "out" and isinstance(sl.tensor, nn.Parameter) and sl.tensor.grad is not None:
+                rows.append(_columns(sl, sl.tensor.grad)[n:])
+        m = torch.cat(rows, dim=1).to(torch.float64)  # (d_out, fan-in of the new units)
+    finally:
+        snapshot.restore()
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    rank = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
+    # Beyond the rank, directions repeat with alternating signs, so that units sharing a
+    # direction receive opposite gradients instead of moving in lockstep.
+    picks = torch.arange(by) % rank
+    signs = 1.0 - 2.0 * ((torch.arange(by) // rank) % 2).to(torch.float64)
+    directions = u[:, picks].T * signs[:, None]  # (by, d_out), unit-norm rows
+    existing = torch.cat([_columns(sl, sl.tensor.detach()) for _, sl in consumers], dim=1)
+    norm = float(existing.to(torch.float64).norm(dim=1).mean())
+    outgoing = (directions * (norm if norm > 0 else 1.0)).to(ref.dtype)
+    fresh = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, outgoing.split(widths, dim=1), strict=True)}
+    return IndexMap.append(n, torch.full((by,), -1)), fresh
