@@ -1,28 +1,58 @@
 """adaptnet: adaptive neural networks on PyTorch.
 
 Networks that change their structure while they learn (widen, prune, deepen, with the
-optimizer's state carried over) and the tools to train, checkpoint and inspect them.
+optimizer's state carried over), policies that decide when and where, and the tools to
+train, checkpoint and inspect them.
 """
 
 from adaptnet.edit import Edit, IndexMap, deepen, prune, register_layer, register_optimizer, remove_layer, widen
 from adaptnet.errors import EditError
 from adaptnet.nn import AdaptiveCNN, AdaptiveMLP, UnitGroup, model_from_spec, register_model
+from adaptnet.policy import (
+    DeepenOnPlateau,
+    EditRequest,
+    GrowEvery,
+    GrowOnPlateau,
+    Policy,
+    PruneToBudget,
+    Signals,
+    register_policy,
+)
+from adaptnet.train.callbacks import Callback
+from adaptnet.train.checkpoint import CheckpointError, CheckpointManager, load, restore_optimizer, save
+from adaptnet.train.trainer import Trainer, TrainingError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveCNN",
     "AdaptiveMLP",
+    "Callback",
+    "CheckpointError",
+    "CheckpointManager",
+    "DeepenOnPlateau",
     "Edit",
     "EditError",
+    "EditRequest",
+    "GrowEvery",
+    "GrowOnPlateau",
     "IndexMap",
+    "Policy",
+    "PruneToBudget",
+    "Signals",
+    "Trainer",
+    "TrainingError",
     "UnitGroup",
     "deepen",
+    "load",
     "model_from_spec",
     "prune",
     "register_layer",
     "register_model",
     "register_optimizer",
+    "register_policy",
     "remove_layer",
+    "restore_optimizer",
+    "save",
     "widen",
 ]

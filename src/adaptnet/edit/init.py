@@ -96,41 +96,59 @@ def _from_columns(sl: Slice, cols: torch.Tensor) -> torch.Tensor:
     return cols.reshape([cols.shape[0], *moved[1:]]).movedim(0, sl.dim)
 
 
-def gradmax(
-    model: nn.Module,
-    group: UnitGroup,
-    by: int,
-    batch: Any,
-    loss_fn: LossFn | None,
-) -> Plan:
+def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """``M`` such that new zero-fan-in units with outgoing weights ``w`` get incoming gradient ``w^T M``.
+
+    Returns ``(d_out, d_in)`` in float64, where ``d_out`` is the size of one unit's outgoing
+    weights (all consumer columns concatenated) and ``d_in`` of its incoming weights. The model
+    is left exactly as it was (grads included).
+    """
     n = group.size
     consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
     widths = [_columns(sl, sl.tensor).shape[1] for _, sl in consumers]
     d_out = sum(widths)
     ref = consumers[0][1].tensor
     # Probe: d_out fresh units with zero incoming weights; unit i writes the one-hot e_i
-    # into the concatenated consumer columns. Its incoming gradient is then row i of M,
-    # where the gradient for outgoing weights w is w^T M (linear in w).
+    # into the concatenated consumer columns. Its incoming gradient is then row i of M.
     eye = torch.eye(d_out, dtype=ref.dtype, device=ref.device)
     probe = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, eye.split(widths, dim=1), strict=True)}
     snapshot = Snapshot(model, None)
     try:
         apply_index_map(group, IndexMap.append(n, torch.full((d_out,), -1)), probe, None)
-        backward_on(model, batch, loss_fn, "init='gradmax'")
+        backward_on(model, batch, loss_fn, "gradient-guided growth")
         rows = []
         for sl in group.slices:
             if sl.role == "out" and isinstance(sl.tensor, nn.Parameter) and sl.tensor.grad is not None:
                 rows.append(_columns(sl, sl.tensor.grad)[n:])
-        m = torch.cat(rows, dim=1).to(torch.float64)  # (d_out, fan-in of the new units)
+        return torch.cat(rows, dim=1).to(torch.float64)
     finally:
         snapshot.restore()
-    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+
+
+def growth_score(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> float:
+    """How fast the loss would start to fall if ``by`` gradmax units were added to ``group``.
+
+    The norm of the gradient the new units' incoming weights would receive, per unit norm
+    of their outgoing weights: ``sqrt(sum of the top-by squared singular values of M)``.
+    Comparable across layers of one model; used by ``where="gradient"``.
+    """
+    s = torch.linalg.svdvals(gradient_matrix(model, group, batch, loss_fn))
+    return float(s[:by].pow(2).sum().sqrt())
+
+
+def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> Plan:
+    n = group.size
+    consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
+    widths = [_columns(sl, sl.tensor).shape[1] for _, sl in consumers]
+    ref = consumers[0][1].tensor
+    u, s, _ = torch.linalg.svd(gradient_matrix(model, group, batch, loss_fn), full_matrices=False)
     rank = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
     # Beyond the rank, directions repeat with alternating signs, so that units sharing a
     # direction receive opposite gradients instead of moving in lockstep.
     picks = torch.arange(by) % rank
     signs = 1.0 - 2.0 * ((torch.arange(by) // rank) % 2).to(torch.float64)
     directions = u[:, picks].T * signs[:, None]  # (by, d_out), unit-norm rows
+    # New outgoing columns get the mean norm of the existing units' outgoing columns.
     existing = torch.cat([_columns(sl, sl.tensor.detach()) for _, sl in consumers], dim=1)
     norm = float(existing.to(torch.float64).norm(dim=1).mean())
     outgoing = (directions * (norm if norm > 0 else 1.0)).to(ref.dtype)

@@ -203,7 +203,8 @@ def prune(
             scores = (_importance.magnitude(group) if importance == "magnitude"
                       else _importance.taylor(model, group, batch, loss_fn))
             removed = sorted(torch.argsort(scores, stable=True)[:n_remove].tolist())
-        kept = torch.tensor([u for u in range(n) if u not in set(removed)], dtype=torch.long)
+        gone = set(removed)  # built once: a set per unit made this quadratic in the width
+        kept = torch.tensor([u for u in range(n) if u not in gone], dtype=torch.long)
         apply_index_map(group, IndexMap.keep(n, kept), {}, optimizer)
         return (), tuple(removed)
 

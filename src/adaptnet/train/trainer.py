@@ -1,0 +1,413 @@
+"""The Trainer: a plain training loop whose model may change structure between steps.
+
+Per epoch: train (one optimizer step per batch), validate, ask the policies for edits and
+apply them (optimizer state carried, wrappers re-created, each edit logged), write the
+metrics row, checkpoint. Resume is exact: the data order of an epoch is derived from
+``(seed, epoch)``, and a checkpoint holds every RNG state, the optimizer, the scheduler, the
+policies and the loop counters, so an interrupted and resumed run equals an uninterrupted
+one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from adaptnet.policy import EditRequest, Policy, Signals, apply_request
+from adaptnet.train import _rng
+from adaptnet.train.callbacks import Callback
+from adaptnet.train.checkpoint import CheckpointManager, load, restore_optimizer
+from adaptnet.train.metrics import MetricFn, resolve
+from adaptnet.train.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Data = DataLoader | tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss stayed non-finite after every rollback)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class Trainer:
+    """Train ``model`` with ``optimizer``, letting ``policies`` grow and prune it.
+
+    Args:
+        model: any ``nn.Module``; policies need an adaptive one (``unit_groups()``).
+        optimizer: built on ``model.parameters()``; edits carry its state.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar.
+        policies: decide edits at the end of each epoch (see ``adaptnet.policy``).
+        callbacks: ``Callback`` instances.
+        scheduler: an LR scheduler on ``optimizer``, stepped once per epoch.
+        metrics: validation metrics by name (``"accuracy"``, ``"mae"``, ``"r2"``) or ``{name: fn}``.
+        run_dir: where config, metrics, events, checkpoints and the report go (None: nowhere).
+        seed: derives data order, policy generators and probes.
+        batch_size: for data given as tensors.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
+        compile: wrap the model with ``torch.compile`` (re-created after every edit).
+        checkpoint_every: epochs between checkpoints (also written at the end and on a stop).
+        keep_last: checkpoints kept in ``run_dir/checkpoints``.
+        on_nonfinite: ``"rollback"`` (restore the epoch's start, scale the LR by
+            ``lr_backoff``, retry, at most ``max_rollbacks`` times) or ``"stop"``.
+        grad_clip: max gradient norm, or None.
+        probe_size: rows of the fixed probe batch (edit decisions and output-change checks).
+        progress: show a progress bar (only on a terminal).
+        config: the resolved configuration written to ``config.yaml``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        policies: Iterable[Policy] = (),
+        callbacks: Iterable[Callback] = (),
+        scheduler: Any = None,
+        *,
+        metrics: dict[str, MetricFn] | Sequence[str] = (),
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        compile: bool = False,
+        checkpoint_every: int = 1,
+        keep_last: int | None = 3,
+        on_nonfinite: str = "rollback",
+        lr_backoff: float = 0.5,
+        max_rollbacks: int = 3,
+        grad_clip: float | None = None,
+        probe_size: int = 256,
+        progress: bool = False,
+        config: Mapping[str, Any] | None = None,
+    ):
+        if on_nonfinite not in ("rollback", "stop"):
+            raise ValueError(f"on_nonfinite must be 'rollback' or 'stop', got {on_nonfinite!r}")
+        if not 0 < lr_backoff < 1:
+            raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
+        self.policies, self.callbacks = list(policies), list(callbacks)
+        self.metrics = resolve(metrics if isinstance(metrics, dict) else tuple(metrics))
+        self.seed, self.batch_size, self.compile = seed, batch_size, compile
+        self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
+        self.lr_backoff, self.max_rollbacks, self.grad_clip = lr_backoff, max_rollbacks, grad_clip
+        self.probe_size, self.progress = probe_size, progress
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.checkpoints = CheckpointManager(self.run.checkpoints, keep_last) if self.run else None
+        if self.run is not None and config is not None:
+            self.run.write_config(config)
+        # Loop state (all of it is checkpointed).
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps completed
+        self.batch_in_epoch = 0
+        self.epoch_loss = [0.0, 0]  # sum of batch losses and count, for the running epoch
+        self.rollbacks = 0
+        self.history: dict[str, list[float]] = {}
+        self._resume_rng: dict[str, Any] | None = None
+        self._stop = False
+        self._saved_at: tuple[int, int] | None = None  # (step, batch_in_epoch) of the last checkpoint
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self._wrap()
+
+    # -- public ------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, checkpoint (with a run directory) and return from ``fit``."""
+        self._stop = True
+
+    def fit(self, train: Data, val: Data | None = None, epochs: int = 10, *, resume: bool = False,
+            handle_signals: bool = False) -> dict[str, list[float]]:
+        """Train until ``epochs`` epochs are completed (or a stop); return the per-epoch history.
+
+        With ``resume=True`` and a checkpoint in the run directory, training continues from it
+        (``self.model`` is then the restored model). With ``handle_signals``, SIGINT/SIGTERM
+        stop training cleanly with a checkpoint.
+        """
+        if resume:
+            self.resume()
+        train_loader = self._loader(train, shuffle=True)
+        val_loader = self._loader(val, shuffle=False) if val is not None else None
+        probe = self._probe(val_loader or train_loader)
+        self._stop = False
+        with self._signals(handle_signals):
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            while self.epoch < epochs and not self._stop:
+                if not self._train_epoch(train_loader):
+                    break
+                self._end_epoch(val_loader, probe, last=self.epoch + 1 >= epochs)
+            if self._stop and self._saved_at != (self.step, self.batch_in_epoch):
+                self.save_checkpoint()  # stopped between checkpoints: resumable from here
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        if self.run is not None:
+            self._write_report()
+        return self.history
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        path = self.checkpoints.save(
+            self.step, self.model, self.optimizer, self.scheduler,
+            epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
+            epoch_loss=list(self.epoch_loss), rollbacks=self.rollbacks, history=self.history,
+            policies=[p.state_dict() for p in self.policies], rng=_rng.capture(), seed=self.seed,
+        )
+        self._saved_at = (self.step, self.batch_in_epoch)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the latest checkpoint of the run directory (or ``path``); False if none."""
+        if path is None:
+            path = self.checkpoints.latest() if self.checkpoints is not None else None
+            if path is None:
+                return False
+        model, state = load(path, map_location=self.device)
+        self.model = model.to(self.device)
+        restore_optimizer(self.optimizer, self.model, state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for policy, saved in zip(self.policies, state["policies"], strict=True):
+            policy.load_state_dict(saved)
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.epoch_loss, self.rollbacks = list(state["epoch_loss"]), state["rollbacks"]
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self._resume_rng = state["rng"]
+        if self.run is not None:
+            self.run.truncate(self.epoch, self.step)
+        self._wrap()
+        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        return True
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def _batches(self, loader: DataLoader) -> Iterator[Any]:
+        """The epoch's batches, in an order derived from (seed, epoch) alone."""
+        torch.manual_seed(_rng.derive_seed(self.seed, self.epoch))
+        for owner in (loader, loader.sampler, getattr(loader, "batch_sampler", None)):
+            gen = getattr(owner, "generator", None)
+            if isinstance(gen, torch.Generator):
+                gen.manual_seed(_rng.derive_seed(self.seed, self.epoch, 1))
+        batches = iter(loader)
+        for _ in range(self.batch_in_epoch):  # resuming inside an epoch: skip what was done
+            next(batches)
+        if self._resume_rng is not None:
+            _rng.restore(self._resume_rng)
+            self._resume_rng = None
+        return batches
+
+    def _train_epoch(self, loader: DataLoader) -> bool:
+        """Train one epoch (retrying after rollbacks); False if training must stop."""
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, self.epoch)
+        start = self._epoch_snapshot()
+        while True:
+            outcome = self._run_batches(loader)
+            if outcome != "nonfinite":
+                return outcome == "done"
+            self._rollback(start)
+
+    def _run_batches(self, loader: DataLoader) -> str:
+        batches: Iterable[Any] = self._batches(loader)
+        if self.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=len(loader) - self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
+                           leave=False)
+        self.model.train()
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self._forward(x), y)
+            if not torch.isfinite(loss):
+                return self._nonfinite(float(loss))
+            loss.backward()
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.epoch_loss = [self.epoch_loss[0] + loss.item(), self.epoch_loss[1] + 1]
+            for cb in self.callbacks:
+                cb.on_batch_end(self, self.step, loss.detach())
+            if self._stop:
+                return "stopped"
+        return "done"
+
+    def _end_epoch(self, val: DataLoader | None, probe: tuple[torch.Tensor, torch.Tensor], last: bool) -> None:
+        began = time.perf_counter()
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
+                               "train_loss": self.epoch_loss[0] / max(1, self.epoch_loss[1])}
+        if val is not None:
+            row.update(self._validate(val))
+        row["params"] = sum(p.numel() for p in self.model.parameters())
+        row["widths"] = list(getattr(self.model, "widths", []))
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        for key, value in row.items():
+            if key not in ("epoch", "step", "widths"):
+                self.history.setdefault(key, []).append(float(value))
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_loss, self.rollbacks = 0, [0.0, 0], 0
+        self._apply_policies(probe)
+        row["seconds"] = round(time.perf_counter() - began, 4)
+        if self.run is not None:
+            self.run.append_metrics(row)
+        logger.info("epoch %d: %s", self.epoch, {k: v for k, v in row.items() if k != "epoch"})
+        if last or self._stop or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
+            self.save_checkpoint()
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, self.epoch, row)
+
+    @torch.no_grad()
+    def _validate(self, loader: DataLoader) -> dict[str, float]:
+        self.model.eval()
+        outputs, targets = [], []
+        for x, y in loader:
+            outputs.append(self._forward(x.to(self.device)))
+            targets.append(y.to(self.device))
+        out, tgt = torch.cat(outputs), torch.cat(targets)
+        result = {"val_loss": float(self.loss_fn(out, tgt))}
+        result.update({f"val_{name}": fn(out, tgt) for name, fn in self.metrics.items()})
+        return result
+
+    # -- edits -------------------------------------------------------------------------------
+    def _apply_policies(self, probe: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if not self.policies:
+            return
+        signals = Signals(self.epoch, self.step, self.model, self.history, probe, self.loss_fn,
+                          _rng.generator(self.seed, self.step))
+        for policy in self.policies:
+            for request in policy.decide(signals):
+                self._edit(request, probe, signals.generator)
+
+    def _edit(self, request: EditRequest, probe: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> None:
+        for cb in self.callbacks:
+            cb.on_before_edit(self, request)
+        loss_before = self._probe_loss(probe)
+        edit = apply_request(request, self.model, self.optimizer, probe, self.loss_fn, gen)
+        self._wrap()
+        event = {"step": self.step, "epoch": self.epoch, **edit.to_dict(), "policy": request.policy,
+                 "reason": request.reason, "loss_before": loss_before, "loss_after": self._probe_loss(probe)}
+        logger.info("edit at step %d: %s layer %d -> widths %s", self.step, edit.op, edit.layer,
+                    list(edit.widths_after))
+        if self.run is not None:
+            self.run.append_event(event)
+        for cb in self.callbacks:
+            cb.on_after_edit(self, edit, event)
+
+    @torch.no_grad()
+    def _probe_loss(self, probe: tuple[torch.Tensor, torch.Tensor]) -> float:
+        training = self.model.training
+        self.model.eval()
+        loss = float(self.loss_fn(self.model(probe[0]), probe[1]))
+        self.model.train(training)
+        return loss
+
+    def _wrap(self) -> None:
+        """(Re-)create what wraps the model: one compile per architecture."""
+        self._forward = torch.compile(self.model) if self.compile else self.model
+
+    # -- non-finite losses ---------------------------------------------------------------------
+    def _epoch_snapshot(self) -> dict[str, Any]:
+        if self.on_nonfinite != "rollback":
+            return {}
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            "counters": (self.step, self.batch_in_epoch, list(self.epoch_loss)),
+            # The RNG state a retry starts from: the epoch's own seed, or the resumed state.
+            "rng": self._resume_rng,
+        }
+
+    def _nonfinite(self, value: float) -> str:
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        if self.on_nonfinite == "stop":
+            raise TrainingError(f"the loss became {value} at {where}; stopped (the last checkpoint is intact)")
+        if self.rollbacks >= self.max_rollbacks:
+            raise TrainingError(f"the loss became {value} at {where} after {self.rollbacks} rollbacks; "
+                                "lower the learning rate or check the data (the last checkpoint is intact)")
+        logger.warning("loss became %s at %s: rolling back the epoch, learning rate x%s", value, where,
+                       self.lr_backoff)
+        return "nonfinite"
+
+    def _rollback(self, start: dict[str, Any]) -> None:
+        self.model.load_state_dict(start["model"])
+        self.optimizer.load_state_dict(start["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(start["scheduler"])
+            self.scheduler.base_lrs = [lr * self.lr_backoff for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.lr_backoff
+        self.step, self.batch_in_epoch, self.epoch_loss = start["counters"][0], start["counters"][1], \
+            list(start["counters"][2])
+        self._resume_rng = start["rng"]
+        self.rollbacks += 1
+        if self.run is not None:
+            self.run.append_event({"step": self.step, "epoch": self.epoch, "op": "rollback",
+                                   "lr": self.optimizer.param_groups[0]["lr"], "rollbacks": self.rollbacks})
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _loader(self, data: Data, shuffle: bool) -> DataLoader:
+        if isinstance(data, DataLoader):
+            return data
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
+            raise TypeError("data must be a DataLoader or a pair of tensors (inputs, targets)")
+        return DataLoader(TensorDataset(*data), batch_size=self.batch_size, shuffle=shuffle)
+
+    def _probe(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch (the first ``probe_size`` rows of the dataset, never shuffled)."""
+        x, y = next(iter(DataLoader(loader.dataset, batch_size=self.probe_size, shuffle=False)))
+        return x.to(self.device), y.to(self.device)
+
+    @contextmanager
+    def _signals(self, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            logger.warning("received %s: stopping after this step", signal.Signals(signum).name)
+            self.request_stop()
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _write_report(self) -> None:
+        assert self.run is not None
+        try:
+            from adaptnet.train.report import write_report
+
+            write_report([self.run.path], self.run.path / "report.png")
+        except Exception as err:  # a report must never lose a finished run
+            logger.warning("could not write report.png: %s", err)
+
