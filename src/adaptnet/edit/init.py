@@ -5,6 +5,9 @@ plus the values of the fresh units.
   outgoing weights (``1/count`` each). Exact. With ``noise > 0`` the shares are perturbed
   (``1/count + eps`` for a copy, minus the copies' ``eps`` for the original) so they still
   sum to 1: symmetry is broken while the function stays exact up to rounding.
+* ``firefly``: ``net2net`` splitting of the units with the highest splitting score (the
+  variance of their per-sample gradients, see ``adaptnet.edit.splitting``) instead of random
+  units. Exact.
 * ``zero``: random incoming weights (a fresh layer's init), zero outgoing weights. Exact.
 * ``gradmax``: zero incoming weights, outgoing weights along the top left singular vectors
   of the gradient the new incoming weights would receive (Evci et al., ICLR 2022). Exact,
@@ -27,7 +30,7 @@ from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.nn.groups import Slice, UnitGroup
 
-INITS = ("net2net", "zero", "gradmax", "random")
+INITS = ("net2net", "firefly", "zero", "gradmax", "random")
 Plan = tuple[IndexMap, dict[int, torch.Tensor]]
 
 
@@ -62,11 +65,14 @@ def _random_fresh(
     }
 
 
-def net2net(group: UnitGroup, by: int, generator: torch.Generator | None, noise: float) -> Plan:
+def net2net(group: UnitGroup, by: int, generator: torch.Generator | None, noise: float,
+            ranking: torch.Tensor | None = None) -> Plan:
+    """Split ``by`` units; ``ranking`` (units, best first) replaces the random choice."""
     n = group.size
     # Split every unit equally often first (which keeps LayerNorm statistics exact when
-    # ``by`` is a multiple of the width), then random distinct units for the remainder.
-    sources = torch.cat([torch.arange(n).repeat(by // n), torch.randperm(n, generator=generator)[: by % n]])
+    # ``by`` is a multiple of the width), then distinct units for the remainder.
+    order = torch.randperm(n, generator=generator) if ranking is None else ranking
+    sources = torch.cat([torch.arange(n).repeat(by // n), order[: by % n]])
     full = torch.cat([torch.arange(n), sources])
     counts = torch.bincount(full, minlength=n).to(torch.float64)
     scale = 1.0 / counts[full]
@@ -125,15 +131,23 @@ def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Los
         snapshot.restore()
 
 
-def growth_score(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> float:
-    """How fast the loss would start to fall if ``by`` gradmax units were added to ``group``.
+def _outgoing_norm(group: UnitGroup) -> float:
+    """Mean norm of the existing units' outgoing weights (all consumer columns together)."""
+    existing = torch.cat([_columns(sl, sl.tensor.detach()) for sl in group.slices if sl.role == "in"], dim=1)
+    norm = float(existing.to(torch.float64).norm(dim=1).mean())
+    return norm if norm > 0 else 1.0
 
-    The norm of the gradient the new units' incoming weights would receive, per unit norm
-    of their outgoing weights: ``sqrt(sum of the top-by squared singular values of M)``.
-    Comparable across layers of one model; used by ``where="gradient"``.
+
+def growth_score(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> float:
+    """The gradient norm that ``by`` gradmax units added to ``group`` would receive.
+
+    ``sqrt(sum of the top-by squared singular values of M)`` times the outgoing norm gradmax
+    gives new units. One SGD step of size ``lr`` on those units lowers the loss by about
+    ``lr * score**2`` (first order): comparable across layers, and what ``where="gradient"``
+    and ``GrowOnSignal`` use.
     """
     s = torch.linalg.svdvals(gradient_matrix(model, group, batch, loss_fn))
-    return float(s[:by].pow(2).sum().sqrt())
+    return float(s[:by].pow(2).sum().sqrt()) * _outgoing_norm(group)
 
 
 def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> Plan:
@@ -149,8 +163,6 @@ def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: Lo
     signs = 1.0 - 2.0 * ((torch.arange(by) // rank) % 2).to(torch.float64)
     directions = u[:, picks].T * signs[:, None]  # (by, d_out), unit-norm rows
     # New outgoing columns get the mean norm of the existing units' outgoing columns.
-    existing = torch.cat([_columns(sl, sl.tensor.detach()) for _, sl in consumers], dim=1)
-    norm = float(existing.to(torch.float64).norm(dim=1).mean())
-    outgoing = (directions * (norm if norm > 0 else 1.0)).to(ref.dtype)
+    outgoing = (directions * _outgoing_norm(group)).to(ref.dtype)
     fresh = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, outgoing.split(widths, dim=1), strict=True)}
     return IndexMap.append(n, torch.full((by,), -1)), fresh

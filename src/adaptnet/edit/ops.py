@@ -22,6 +22,7 @@ from adaptnet.edit._transaction import transaction
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
+from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
 from adaptnet.nn.groups import UnitGroup
 
@@ -111,11 +112,11 @@ def widen(
         model: an adaptive model.
         layer: hidden layer index (see ``model.widths``).
         by: number of units (channels) to add.
-        init: ``"net2net"``, ``"zero"``, ``"gradmax"`` (all exact) or ``"random"``.
+        init: ``"net2net"``, ``"firefly"``, ``"zero"``, ``"gradmax"`` (all exact) or ``"random"``.
         optimizer: carried along: same parameter objects, per-element state remapped.
         batch: ``(inputs, targets)`` (``gradmax``), or inputs alone to measure the output change.
         loss_fn: ``loss_fn(outputs, targets)``, needed by ``gradmax``.
-        noise: ``net2net`` only: relative symmetry-breaking noise on the split shares (exact).
+        noise: ``net2net``/``firefly``: relative symmetry-breaking noise on the split shares (exact).
         generator: the random source for unit choice and fresh weights.
     """
     groups = _groups(model, "widen")
@@ -123,10 +124,10 @@ def widen(
     _positive(by, "by")
     if init not in _init.INITS:
         raise EditError(f"init must be one of {', '.join(_init.INITS)}; got {init!r}")
-    if init == "gradmax":
+    if init in ("gradmax", "firefly"):
         if loss_fn is None:
-            raise EditError("init='gradmax' needs batch=(inputs, targets) and loss_fn=")
-        split_batch(batch, "init='gradmax'")
+            raise EditError(f"init='{init}' needs batch=(inputs, targets) and loss_fn=")
+        split_batch(batch, f"init='{init}'")
     if not isinstance(noise, (int, float)) or noise < 0:
         raise EditError(f"noise must be a number >= 0, got {noise!r}")
 
@@ -134,6 +135,9 @@ def widen(
         n = group.size
         if init == "net2net":
             imap, fresh = _init.net2net(group, by, generator, float(noise))
+        elif init == "firefly":
+            ranking = torch.argsort(splitting_scores(model, group, batch, loss_fn), descending=True, stable=True)
+            imap, fresh = _init.net2net(group, by, generator, float(noise), ranking)
         elif init == "zero":
             imap, fresh = _init.zero(group, by, generator)
         elif init == "random":

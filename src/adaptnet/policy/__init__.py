@@ -7,12 +7,13 @@ from typing import Any
 
 from adaptnet.policy.base import EditRequest, Policy, Signals, apply_request
 from adaptnet.policy.depth import DeepenOnPlateau
-from adaptnet.policy.grow import GrowEvery, GrowOnPlateau
+from adaptnet.policy.grow import GrowEvery, GrowOnPlateau, GrowOnSignal
 from adaptnet.policy.prune import PruneToBudget
 
 POLICIES: dict[str, type] = {
     "grow_on_plateau": GrowOnPlateau,
     "grow_every": GrowEvery,
+    "grow_on_signal": GrowOnSignal,
     "deepen_on_plateau": DeepenOnPlateau,
     "prune_to_budget": PruneToBudget,
 }
@@ -37,6 +38,7 @@ __all__ = [
     "EditRequest",
     "GrowEvery",
     "GrowOnPlateau",
+    "GrowOnSignal",
     "Policy",
     "PruneToBudget",
     "Signals",

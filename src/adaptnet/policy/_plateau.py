@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from adaptnet.edit import widen
+from adaptnet.edit._transaction import Snapshot
+from adaptnet.nn.flops import count_macs
 from adaptnet.nn.groups import UnitGroup
 
 
@@ -44,21 +48,50 @@ def params_per_unit(group: UnitGroup) -> int:
     return sum(p.numel() // p.shape[s.dim] for s in group.slices if isinstance(p := s.tensor, nn.Parameter))
 
 
+def macs_per_unit(model: nn.Module, group: UnitGroup, x: torch.Tensor) -> tuple[int, int]:
+    """(forward MACs per sample now, extra MACs per sample of one more unit in ``group``).
+
+    Measured: one unit is added inside a snapshot, counted, and the snapshot restored, so
+    that convolutions, pooling and residual partners are all accounted for.
+    """
+    now = count_macs(model, x)
+    snapshot = Snapshot(model, None)
+    try:
+        widen(model, group.layer, 1, init="zero")
+        return now, count_macs(model, x) - now
+    finally:
+        snapshot.restore()
+
+
 class Budget:
-    """Caps on growth: total parameters and the width of any one layer (None: no cap)."""
+    """Caps on growth (None: no cap).
 
-    def __init__(self, max_params: int | None = None, max_width: int | None = None):
-        for name, value in (("max_params", max_params), ("max_width", max_width)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+    Args:
+        max_params: total parameters.
+        max_width: units of any one layer.
+        max_flops: forward multiply-accumulates per sample (see ``adaptnet.nn.flops``).
+    """
+
+    def __init__(self, max_params: int | None = None, max_width: int | None = None, max_flops: int | None = None):
+        for name, value in (("max_params", max_params), ("max_width", max_width), ("max_flops", max_flops)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        self.max_params, self.max_width = max_params, max_width
+        self.max_params, self.max_width, self.max_flops = max_params, max_width, max_flops
 
-    def units_allowed(self, model: nn.Module, group: UnitGroup, by: int) -> int:
-        """How many of ``by`` new units ``group`` may get within the budget (0 to ``by``)."""
+    def units_allowed(self, model: nn.Module, group: UnitGroup, by: int, x: torch.Tensor | None = None) -> int:
+        """How many of ``by`` new units ``group`` may get within the budget (0 to ``by``).
+
+        ``x`` (a probe input batch) is needed for a FLOPs budget.
+        """
         allowed = by
         if self.max_width is not None:
             allowed = min(allowed, self.max_width - group.size)
         if self.max_params is not None:
             spare = self.max_params - sum(p.numel() for p in model.parameters())
             allowed = min(allowed, spare // max(1, params_per_unit(group)))
+        if self.max_flops is not None and allowed > 0:
+            if x is None:
+                raise ValueError("a max_flops budget needs a probe batch")
+            now, per_unit = macs_per_unit(model, group, x)
+            allowed = min(allowed, (self.max_flops - now) // max(1, per_unit))
         return max(0, allowed)

@@ -53,6 +53,7 @@ class Signals:
         probe: a fixed ``(inputs, targets)`` batch for gradient-based choices.
         loss_fn: the training loss.
         generator: seeded from ``(seed, step)``: identical on every process.
+        lr: the learning rate of the first param group.
     """
 
     epoch: int
@@ -62,6 +63,7 @@ class Signals:
     probe: tuple[torch.Tensor, torch.Tensor] | None
     loss_fn: LossFn | None
     generator: torch.Generator = field(default_factory=torch.Generator)
+    lr: float = 0.0
 
     @property
     def num_params(self) -> int:

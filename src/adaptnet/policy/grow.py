@@ -1,4 +1,5 @@
-"""Growth policies: when (a plateau, a schedule) and where (gradient, round robin, last, fixed)."""
+"""Growth policies: when (a plateau, a schedule, a gradient signal) and where (gradient, round
+robin, last, a fixed layer), within budgets of parameters, width and FLOPs."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from adaptnet.edit import INITS
+from adaptnet.edit._probe import backward_on
+from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.init import growth_score
-from adaptnet.policy._plateau import Budget, Plateau
+from adaptnet.policy._plateau import Budget, Plateau, params_per_unit
 from adaptnet.policy.base import EditRequest, Signals
 
 logger = logging.getLogger(__name__)
@@ -26,25 +31,40 @@ class _Grow:
 
     name = "grow"
 
-    def __init__(self, by: int, where: str | int, init: str, max_params: int | None, max_width: int | None):
+    def __init__(self, by: int, where: str | int, init: str, max_params: int | None, max_width: int | None,
+                 max_flops: int | None):
         if not isinstance(by, int) or isinstance(by, bool) or by < 1:
             raise ValueError(f"by must be a positive integer, got {by!r}")
         _check_where(where)
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         self.by, self.where, self.init = by, where, init
-        self.budget = Budget(max_params, max_width)
+        self.budget = Budget(max_params, max_width, max_flops)
         self.turn = 0  # round-robin position
         self.exhausted = False
 
-    def _grow(self, signals: Signals, reason: str) -> list[EditRequest]:
+    def _allowed(self, signals: Signals) -> dict[int, int]:
+        """Units each layer may get within the budget; marks the policy exhausted when none may."""
+        probe_x = signals.probe[0] if signals.probe is not None else None
         groups = signals.model.unit_groups()  # type: ignore[operator]
-        allowed = {g.layer: self.budget.units_allowed(signals.model, g, self.by) for g in groups}
+        allowed = {g.layer: self.budget.units_allowed(signals.model, g, self.by, probe_x) for g in groups}
+        if not any(allowed.values()):
+            logger.info("%s: growth budget reached; no more growth", self.name)
+            self.exhausted = True
+        return allowed
+
+    def _scores(self, signals: Signals, allowed: dict[int, int]) -> dict[int, float]:
+        """Growth score (see ``adaptnet.edit.init.growth_score``) of each layer that may grow."""
+        if signals.probe is None or signals.loss_fn is None:
+            raise ValueError("gradient-based growth needs a probe batch and a loss function")
+        return {g.layer: growth_score(signals.model, g, allowed[g.layer], signals.probe, signals.loss_fn)
+                for g in signals.model.unit_groups() if allowed[g.layer] > 0}  # type: ignore[operator]
+
+    def _grow(self, signals: Signals, reason: str, allowed: dict[int, int] | None = None,
+              scores: dict[int, float] | None = None) -> list[EditRequest]:
+        allowed = self._allowed(signals) if allowed is None else allowed
         eligible = [layer for layer, n in allowed.items() if n > 0]
         if not eligible:
-            if not self.exhausted:
-                logger.info("%s: growth budget reached; no more growth", self.name)
-            self.exhausted = True
             return []
         if isinstance(self.where, int):
             if self.where not in eligible:
@@ -58,10 +78,7 @@ class _Grow:
                          if order[(self.turn + i) % len(order)] in eligible)
             self.turn = order.index(layer) + 1
         else:
-            if signals.probe is None or signals.loss_fn is None:
-                raise ValueError("where='gradient' needs a probe batch and a loss function")
-            scores = {g.layer: growth_score(signals.model, g, allowed[g.layer], signals.probe, signals.loss_fn)
-                      for g in groups if g.layer in eligible}
+            scores = self._scores(signals, allowed) if scores is None else scores
             layer = max(scores, key=lambda k: scores[k])
             reason += f"; gradient score {scores[layer]:.3g} (best of {len(scores)} layers)"
         return [EditRequest("widen", layer, by=allowed[layer], init=self.init, policy=self.name, reason=reason)]
@@ -83,7 +100,8 @@ class GrowOnPlateau(_Grow):
         where: ``"gradient"`` (the layer where new units would get the largest gradient,
             GradMax's criterion), ``"round_robin"``, ``"last"``, or a layer index.
         init: how new units start (see ``adaptnet.widen``).
-        max_params, max_width: budgets that stop growth.
+        max_params, max_width, max_flops: budgets that stop growth (``max_flops``: forward
+            multiply-accumulates per sample).
         monitor: ``"auto"`` (validation loss if any, else training loss) or a series name.
     """
 
@@ -91,8 +109,8 @@ class GrowOnPlateau(_Grow):
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, by: int = 8, where: str | int = "gradient",
                  init: str = "net2net", max_params: int | None = None, max_width: int | None = None,
-                 monitor: str = "auto"):
-        super().__init__(by, where, init, max_params, max_width)
+                 max_flops: int | None = None, monitor: str = "auto"):
+        super().__init__(by, where, init, max_params, max_width, max_flops)
         self.plateau = Plateau(patience, min_delta)
         self.monitor = monitor
 
@@ -116,8 +134,9 @@ class GrowEvery(_Grow):
     name = "grow_every"
 
     def __init__(self, every: int = 5, by: int = 8, where: str | int = "round_robin", init: str = "net2net",
-                 max_params: int | None = None, max_width: int | None = None, start: int = 0):
-        super().__init__(by, where, init, max_params, max_width)
+                 max_params: int | None = None, max_width: int | None = None, max_flops: int | None = None,
+                 start: int = 0):
+        super().__init__(by, where, init, max_params, max_width, max_flops)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(start, int) or start < 0:
@@ -134,3 +153,75 @@ class GrowEvery(_Grow):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._load(state)
+
+
+class GrowOnSignal(_Grow):
+    """Widen when growth is expected to pay, measured on the probe batch.
+
+    The first-order loss decrease of a gradient step is proportional to the squared gradient
+    norm. New gradmax units would receive a gradient of norm ``score`` (``growth_score``) on
+    ``k`` new parameters; the existing ``n`` parameters receive ``g``. Growth fires when the
+    new units would learn faster per parameter than the network already does:
+    ``(score**2 / k) / (|g|**2 / n) > threshold``. The ratio does not depend on the learning
+    rate or the optimizer, rises as the existing weights converge (a plateau seen from the
+    gradient), and stays low when new units would get no gradient.
+
+    Args:
+        threshold: the ratio that triggers growth (1.0: new units would learn as fast per parameter).
+        by, init, max_params, max_width, max_flops: as for ``GrowOnPlateau``.
+        every: epochs between measurements.
+        cooldown: epochs to wait after a growth before measuring again.
+    """
+
+    name = "grow_on_signal"
+
+    def __init__(self, threshold: float = 1.0, by: int = 8, init: str = "gradmax", every: int = 1,
+                 cooldown: int = 0, max_params: int | None = None, max_width: int | None = None,
+                 max_flops: int | None = None):
+        super().__init__(by, "gradient", init, max_params, max_width, max_flops)
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(cooldown, int) or cooldown < 0:
+            raise ValueError(f"cooldown must be an integer >= 0, got {cooldown!r}")
+        self.threshold, self.every, self.cooldown = float(threshold), every, cooldown
+        self.last_growth = -(10**9)
+
+    def decide(self, signals: Signals) -> list[EditRequest]:
+        if self.exhausted or signals.epoch % self.every or signals.epoch - self.last_growth <= self.cooldown:
+            return []
+        allowed = self._allowed(signals)
+        if self.exhausted:
+            return []
+        scores = self._scores(signals, allowed)
+        per_param = _existing_grad_per_param(signals)
+        groups = {g.layer: g for g in signals.model.unit_groups()}  # type: ignore[operator]
+        ratios = {layer: score**2 / (allowed[layer] * params_per_unit(groups[layer])) / per_param
+                  for layer, score in scores.items()} if per_param > 0 else {}
+        if not ratios or max(ratios.values()) <= self.threshold:
+            return []
+        best = max(ratios, key=lambda k: ratios[k])
+        self.last_growth = signals.epoch
+        return self._grow(signals, f"new units would learn {ratios[best]:.3g}x faster per parameter "
+                          f"(> {self.threshold})", allowed, {best: scores[best]})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._state(), "last_growth": self.last_growth}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._load(state)
+        self.last_growth = int(state["last_growth"])
+
+
+def _existing_grad_per_param(signals: Signals) -> float:
+    """Mean squared gradient per parameter of the existing model on the probe batch."""
+    model = signals.model
+    snapshot = Snapshot(model, None)
+    try:
+        backward_on(model, signals.probe, signals.loss_fn, "grow_on_signal")
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total = sum(float(g.to(torch.float64).pow(2).sum()) for g in grads)
+        return total / max(1, sum(g.numel() for g in grads))
+    finally:
+        snapshot.restore()

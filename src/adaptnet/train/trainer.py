@@ -300,7 +300,7 @@ class Trainer:
         if not self.policies:
             return
         signals = Signals(self.epoch, self.step, self.model, self.history, probe, self.loss_fn,
-                          _rng.generator(self.seed, self.step))
+                          _rng.generator(self.seed, self.step), lr=self.optimizer.param_groups[0]["lr"])
         for policy in self.policies:
             for request in policy.decide(signals):
                 self._edit(request, probe, signals.generator)
