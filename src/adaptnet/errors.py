@@ -7,3 +7,11 @@ class EditError(ValueError):
     Raised before anything changes (or after a full rollback), so the model and the
     optimizer are exactly as they were.
     """
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file or value at fault.
+
+    Raised by ``adaptnet.train.checkpoint`` (and re-exported there). When saving, nothing
+    was written; when loading, nothing was changed.
+    """
