@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptnet.nn.losses import adaptive_loss
 from adaptnet.policy import EditRequest, Policy, Signals, apply_request
 from adaptnet.train import _rng
 from adaptnet.train.callbacks import Callback
@@ -241,7 +242,7 @@ class Trainer:
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self._forward(x), y)
+            loss = adaptive_loss(self.model, self.loss_fn, self._forward(x), y)
             if not torch.isfinite(loss):
                 return self._nonfinite(float(loss))
             loss.backward()
