@@ -7,7 +7,20 @@ train, checkpoint and inspect them.
 
 from adaptnet.edit import Edit, IndexMap, deepen, prune, register_layer, register_optimizer, remove_layer, widen
 from adaptnet.errors import EditError
-from adaptnet.nn import AdaptiveCNN, AdaptiveMLP, UnitGroup, model_from_spec, register_model
+from adaptnet.nn import (
+    ACT,
+    AdaptiveCNN,
+    AdaptiveMLP,
+    PerToken,
+    PonderNet,
+    RecurrentStep,
+    UnitGroup,
+    adaptive_loss,
+    count_macs,
+    model_from_spec,
+    pad_sequences,
+    register_model,
+)
 from adaptnet.policy import (
     DeepenOnPlateau,
     EditRequest,
@@ -26,6 +39,7 @@ from adaptnet.train.trainer import Trainer, TrainingError
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACT",
     "AdaptiveCNN",
     "AdaptiveMLP",
     "Callback",
@@ -39,15 +53,21 @@ __all__ = [
     "GrowOnPlateau",
     "GrowOnSignal",
     "IndexMap",
+    "PerToken",
     "Policy",
+    "PonderNet",
     "PruneToBudget",
+    "RecurrentStep",
     "Signals",
     "Trainer",
     "TrainingError",
     "UnitGroup",
+    "adaptive_loss",
+    "count_macs",
     "deepen",
     "load",
     "model_from_spec",
+    "pad_sequences",
     "prune",
     "register_layer",
     "register_model",
