@@ -45,7 +45,11 @@ def backward_on(model: nn.Module, batch: Any, loss_fn: LossFn | None, what: str)
     with eval_mode(model), torch.enable_grad():
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
-            raise EditError(f"{what}: the loss on the given batch is not finite ({float(loss)})")
+            value = loss.item()
+            # The error's traceback keeps this frame alive: without the del, the graph would pin the
+            # parameters and refuse every later edit while the caller holds the exception.
+            del loss
+            raise EditError(f"{what}: the loss on the given batch is not finite ({value})")
         loss.backward()
 
 

@@ -6,22 +6,14 @@ an EMA copy) stay valid. What must change is the per-element state: each tensor 
 ``optimizer.state[param]`` shaped like the parameter is remapped with the same index
 map as the parameter itself.
 
-Rule for the elements of fresh units (documented in docs/design.md):
-
-* ``"moment"`` state (momentum buffers, Adam's ``exp_avg``, RMSprop's ``grad_avg``)
-  starts at 0, as for a parameter that has never been stepped;
-* ``"square"`` state (running squares such as ``exp_avg_sq``, Adagrad's ``sum``) starts
-  at the mean of the same tensor over the existing elements, so that a new unit's first
-  steps have the size of its neighbours' rather than the ``lr / sqrt(1 - beta2)`` jump
-  that a zero second moment gives after Adam's bias correction has decayed.
-
-Surviving elements are copied bit for bit; non-element state (``step``) is kept.
+Fresh units start with all per-element state at 0, as a parameter that has never been
+stepped (documented in docs/design.md, with the measurement behind the choice). Surviving
+elements are copied bit for bit; non-element state (Adam's ``step``) is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -29,45 +21,44 @@ from torch import nn
 from adaptnet.edit.index_map import IndexMap, remap
 from adaptnet.errors import EditError
 
-StateKind = Literal["moment", "square"]
-
-_HANDLERS: dict[type[torch.optim.Optimizer], dict[str, StateKind]] = {
-    torch.optim.SGD: {"momentum_buffer": "moment"},
-    torch.optim.Adam: {"exp_avg": "moment", "exp_avg_sq": "square", "max_exp_avg_sq": "square"},
-    torch.optim.AdamW: {"exp_avg": "moment", "exp_avg_sq": "square", "max_exp_avg_sq": "square"},
-    torch.optim.NAdam: {"exp_avg": "moment", "exp_avg_sq": "square"},
-    torch.optim.RAdam: {"exp_avg": "moment", "exp_avg_sq": "square"},
-    torch.optim.Adamax: {"exp_avg": "moment", "exp_inf": "square"},
-    torch.optim.RMSprop: {"square_avg": "square", "momentum_buffer": "moment", "grad_avg": "moment"},
-    torch.optim.Adagrad: {"sum": "square"},
+# Per-element state keys (tensors shaped like their parameter) of each optimizer.
+_STATE_KEYS: dict[type[torch.optim.Optimizer], frozenset[str]] = {
+    torch.optim.SGD: frozenset({"momentum_buffer"}),
+    torch.optim.Adam: frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    torch.optim.AdamW: frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    torch.optim.NAdam: frozenset({"exp_avg", "exp_avg_sq"}),
+    torch.optim.RAdam: frozenset({"exp_avg", "exp_avg_sq"}),
+    torch.optim.Adamax: frozenset({"exp_avg", "exp_inf"}),
+    torch.optim.RMSprop: frozenset({"square_avg", "momentum_buffer", "grad_avg"}),
+    torch.optim.Adagrad: frozenset({"sum"}),
 }
 
 
-def register_optimizer(cls: type[torch.optim.Optimizer], state: Mapping[str, StateKind]) -> None:
-    """Teach adaptnet an optimizer: name each per-element state key and its kind.
+def register_optimizer(cls: type[torch.optim.Optimizer], state_keys: Iterable[str]) -> None:
+    """Teach adaptnet an optimizer: name its per-element state keys.
 
-    Example: ``register_optimizer(Lion, {"exp_avg": "moment"})``.
+    Example: ``register_optimizer(Lion, ["exp_avg"])``.
     """
-    for key, kind in state.items():
-        if kind not in ("moment", "square"):
-            raise ValueError(f"state {key!r}: kind must be 'moment' or 'square', got {kind!r}")
-    _HANDLERS[cls] = dict(state)
+    keys = [state_keys] if isinstance(state_keys, str) else list(state_keys)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"state_keys must be a non-empty list of state names, got {state_keys!r}")
+    _STATE_KEYS[cls] = frozenset(keys)
 
 
-def _handler(optimizer: torch.optim.Optimizer) -> dict[str, StateKind]:
+def _state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
     for cls in type(optimizer).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
-    names = ", ".join(sorted(c.__name__ for c in _HANDLERS))
+        if cls in _STATE_KEYS:
+            return _STATE_KEYS[cls]
+    names = ", ".join(sorted(c.__name__ for c in _STATE_KEYS))
     raise EditError(
         f"adaptnet does not know how to carry the state of {type(optimizer).__name__}; "
-        f"supported: {names}; register others with adaptnet.register_optimizer(cls, {{state_key: 'moment'|'square'}})"
+        f"supported: {names}; register others with adaptnet.register_optimizer(cls, [state keys])"
     )
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """Raise ``EditError`` unless edits can carry ``optimizer`` along with ``model``."""
-    handler = _handler(optimizer)
+    keys = _state_keys(optimizer)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
@@ -77,7 +68,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         )
     for p in model.parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape and p.dim() > 0 and key not in handler:
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and p.dim() > 0 and key not in keys:
                 raise EditError(
                     f"{type(optimizer).__name__} keeps per-element state {key!r} that adaptnet does not know; "
                     "declare it with adaptnet.register_optimizer"
@@ -89,13 +80,11 @@ def migrate_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, dim: in
     old = optimizer.state.get(param)
     if not old:
         return  # state is created lazily at the first step(): nothing to carry yet
-    handler = _handler(optimizer)
+    keys = _state_keys(optimizer)
     new = {}
     for key, value in old.items():
-        if isinstance(value, torch.Tensor) and key in handler and value.shape == param.shape:
-            survivors = value if value.numel() else value.new_zeros(1)
-            fill = 0.0 if handler[key] == "moment" else float(survivors.float().mean())
-            value = remap(value, dim, imap, fill)
+        if isinstance(value, torch.Tensor) and key in keys and value.shape == param.shape:
+            value = remap(value, dim, imap, 0.0)
         new[key] = value
     optimizer.state[param] = new
 
