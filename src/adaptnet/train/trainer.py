@@ -216,7 +216,10 @@ class Trainer:
         for _ in range(self.batch_in_epoch):  # resuming inside an epoch: skip what was done
             next(batches)
         if self._resume_rng is not None:
-            _rng.restore(self._resume_rng)
+            # Inside an epoch, continue the interrupted RNG stream; at an epoch boundary the
+            # epoch's own seed (set above, and drawn from lazily by the sampler) already is it.
+            if self.batch_in_epoch > 0:
+                _rng.restore(self._resume_rng)
             self._resume_rng = None
         return batches
 
@@ -244,7 +247,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss = adaptive_loss(self.model, self.loss_fn, self._forward(x), y)
             if not torch.isfinite(loss):
-                return self._nonfinite(float(loss))
+                return self._nonfinite(loss.item())
             loss.backward()
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

@@ -1,0 +1,72 @@
+"""What the train and resume commands share: epoch lines, fitting, the closing summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from adaptnet.edit import Edit
+from adaptnet.train.build import Run, evaluate
+from adaptnet.train.callbacks import Callback
+from adaptnet.train.report import summarize
+
+if TYPE_CHECKING:
+    from adaptnet.train.trainer import Trainer
+
+# Exit status of a run stopped by a signal (SIGINT/SIGTERM): interrupted, resumable.
+EXIT_STOPPED = 130
+
+
+class CLIError(Exception):
+    """A problem with the command's arguments or files (printed as one line, exit status 2)."""
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class EpochPrinter(Callback):
+    """Prints one line per epoch and one per edit (the CLI's progress, on stdout)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.edits: list[str] = []  # edits come before their epoch's end: printed after its line
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        keys = [k for k in metrics if k.endswith("_loss") or k.startswith("val_")] + ["params", "widths"]
+        fields = "  ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics)
+        print("\n".join([f"epoch {epoch}/{self.epochs}  {fields}", *self.edits]), flush=True)
+        self.edits = []
+
+    def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
+        self.edits.append(f"  {event.get('policy') or 'edit'}: {edit.op} layer {edit.layer}, widths "
+                          f"{list(edit.widths_before)} -> {list(edit.widths_after)}, params {edit.params_before} -> "
+                          f"{edit.params_after} ({event.get('reason', '')})")
+
+
+def describe(run: Run, model: nn.Module | None = None) -> str:
+    """One line on a run: data, model (``model``, default the trainer's), optimizer, epochs, device."""
+    info, cfg = run.data.info, run.config
+    sizes = "/".join(str(len(s[0])) if s is not None else "0" for s in (run.data.train, run.data.val, run.data.test))
+    widths = list(getattr(model or run.trainer.model, "widths", []))
+    return (f"{info.name} ({info.task}, {sizes} train/val/test rows), {cfg.model.type} {widths}, "
+            f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.train.epochs} epochs on {run.trainer.device}")
+
+
+def fit_and_summarize(run: Run, run_dir: Path, *, resume: bool) -> int:
+    """Train (or continue) to the configured epochs, print the summary; the exit status."""
+    trainer = run.trainer
+    trainer.fit(run.data.train, run.data.val, run.epochs, resume=resume, handle_signals=True)
+    print(summarize(run_dir))
+    if trainer.epoch < run.epochs:
+        print(f"adaptnet: stopped at epoch {trainer.epoch} of {run.epochs} (checkpoint saved); "
+              f"continue with: adaptnet resume {run_dir}", file=sys.stderr)
+        return EXIT_STOPPED
+    if run.data.test is not None:
+        result = evaluate(trainer, run.data.test)
+        print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    print(f"report: {run_dir / 'report.png'}")
+    return 0

@@ -1,0 +1,88 @@
+"""``adaptnet inspect PATH``: the architecture in a checkpoint (or a run's latest) and its edit history."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adaptnet.cli._common import CLIError
+from adaptnet.train.checkpoint import SPEC_FILE, CheckpointManager, load
+from adaptnet.train.rundir import CHECKPOINTS, CONFIG, read_events
+
+HELP = "show the architecture of a checkpoint (or a run's latest) and the run's edit history"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("inspect", help=HELP, description=HELP + ".")
+    parser.add_argument("path", metavar="PATH", help="a checkpoint folder (with spec.json) or a run directory")
+    return parser
+
+
+def locate(path: Path) -> tuple[Path, Path | None]:
+    """(checkpoint folder, run directory or None) for a checkpoint folder or a run directory."""
+    if not path.exists():
+        raise CLIError(f"not found: {path}")
+    if (path / SPEC_FILE).is_file():
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
+        return path, run_dir
+    if (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir():
+        latest = CheckpointManager(path / CHECKPOINTS).latest()
+        if latest is None:
+            raise CLIError(f"{path} has no checkpoint yet (nothing in {path / CHECKPOINTS})")
+        return latest, path
+    raise CLIError(f"{path} is neither a checkpoint folder (with {SPEC_FILE}) nor a run directory (with {CONFIG})")
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def layer_table(model: nn.Module) -> list[tuple[str, str, str, int]]:
+    """Rows ``(layer, kind, width, params)``: hidden blocks in order, then the head."""
+    rows: list[tuple[str, str, str, int]] = []
+    blocks = getattr(model, "blocks", None)
+    spec_fn = getattr(model, "spec", None)
+    specs = spec_fn().get("blocks", []) if callable(spec_fn) else []
+    if isinstance(blocks, nn.ModuleList):
+        for i, block in enumerate(blocks):
+            kind = specs[i]["kind"] if i < len(specs) else type(block).__name__
+            rows.append((str(i), kind, str(getattr(block, "width", "?")), _count(block)))
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Module):
+            rows.append(("head", type(head).__name__.lower(), str(getattr(head, "out_features", "?")), _count(head)))
+        return rows
+    for name, child in model.named_children():  # a model without blocks: its top-level modules
+        rows.append((name, type(child).__name__, "?", _count(child)))
+    return rows
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    if e.get("op") == "rollback":
+        return f"  epoch {e.get('epoch')}  step {e.get('step')}  rollback  lr -> {e.get('lr')}"
+    return (f"  epoch {e.get('epoch')}  step {e.get('step')}  {e.get('op')} layer {e.get('layer')}  "
+            f"widths {e.get('widths_before')} -> {e.get('widths_after')}  "
+            f"params {e.get('params_before')} -> {e.get('params_after')}  "
+            f"{e.get('policy', '')}: {e.get('reason', '')}")
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint, run_dir = locate(Path(args.path))
+    model, state = load(checkpoint)
+    options = ", ".join(f"{k} {v}" for k, v in getattr(model, "options", {}).items())
+    print(f"checkpoint: {checkpoint} (epoch {state.get('epoch', '?')}, step {state.get('step', '?')})")
+    print(f"model: {type(model).__name__}" + (f" ({options})" if options else ""))
+    table = layer_table(model)
+    print(f"{'layer':<6} {'kind':<10} {'width':>6} {'params':>10}")
+    for layer, kind, width, params in table:
+        print(f"{layer:<6} {kind:<10} {width:>6} {params:>10}")
+    print(f"total params: {_count(model)}")
+    if run_dir is not None:
+        step = state.get("step")
+        events = [e for e in read_events(run_dir) if not isinstance(step, int) or e.get("step", 0) <= step]
+        print(f"edit history ({run_dir / 'events.jsonl'}): " + (f"{len(events)} events" if events else "none"))
+        for e in events:
+            print(_event_line(e))
+    return 0

@@ -1,0 +1,149 @@
+"""From a ``Config`` to the objects of a run: data, model, loss, optimizer, scheduler, policies, Trainer.
+
+``adaptnet train`` and ``adaptnet resume`` both go through ``build_run``, so a resumed run
+is rebuilt exactly as it was started (the Trainer then swaps in the checkpoint's model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptnet.nn import AdaptiveCNN, AdaptiveMLP
+from adaptnet.policy import Policy, make_policy
+from adaptnet.train.callbacks import Callback
+from adaptnet.train.config import CNNConfig, Config, ConfigError, OptimConfig
+from adaptnet.train.data import Splits, TaskInfo, load_data
+from adaptnet.train.metrics import METRICS, MetricFn
+from adaptnet.train.trainer import LossFn, Trainer, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything ``Trainer.fit`` needs, built from one config."""
+
+    config: Config
+    data: Splits
+    trainer: Trainer
+
+    @property
+    def epochs(self) -> int:
+        return self.config.train.epochs
+
+
+def load_splits(cfg: Config) -> Splits:
+    """The config's data, split by its seed (images for a CNN)."""
+    d = cfg.data
+    return load_data(d.name, csv=d.csv, target=d.target, seed=cfg.seed, val_fraction=d.val_fraction,
+                     test_fraction=d.test_fraction, standardize=d.standardize,
+                     images=isinstance(cfg.model, CNNConfig), samples=d.samples)
+
+
+def build_model(cfg: Config, info: TaskInfo) -> nn.Module:
+    """The model at its starting size (initialised from ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    if isinstance(m, CNNConfig):
+        if info.image_shape is None or info.num_classes is None:
+            raise ConfigError(f"model.type: cnn needs image classification data, got {info.name} ({info.task})")
+        return AdaptiveCNN(info.image_shape[0], list(m.channels), info.num_classes, kernel_size=m.kernel_size,
+                           norm=m.norm, pool=m.pool, activation=m.activation)
+    return AdaptiveMLP(info.in_features, list(m.hidden), info.out_features, activation=m.activation, norm=m.norm,
+                       dropout=m.dropout)
+
+
+def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model.parameters()`` (edits carry its state along)."""
+    params, lr, wd = model.parameters(), optim.lr, optim.weight_decay
+    momentum = optim.momentum or 0.0
+    betas = (optim.betas[0], optim.betas[1]) if optim.betas else (0.9, 0.999)
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+    if optim.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    if optim.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=wd)
+    return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+    """The LR scheduler (stepped once per epoch by the Trainer), or None."""
+    s = cfg.scheduler
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.t_max or cfg.train.epochs,
+                                                          eta_min=s.eta_min)
+    return None
+
+
+def build_policies(cfg: Config) -> list[Policy]:
+    """Fresh policies from ``cfg.policies`` (entries already validated and resolved by ``Config``)."""
+    return [make_policy(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in cfg.policies]
+
+
+def loss_and_metrics(info: TaskInfo) -> tuple[LossFn, dict[str, MetricFn]]:
+    """Cross-entropy and accuracy for classification; MSE, MAE and R² for regression."""
+    if info.task == "classification":
+        return nn.CrossEntropyLoss(), {"accuracy": METRICS["accuracy"]}
+    return nn.MSELoss(), {"mae": METRICS["mae"], "r2": METRICS["r2"]}
+
+
+def check_device(device: str) -> None:
+    """``ConfigError`` when the configured device is not available here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda is not available on this machine; allowed here: auto, cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device: mps is not available on this machine; allowed here: auto, cpu")
+
+
+def build_run(cfg: Config, run_dir: str | Path, *, progress: bool = False,
+              callbacks: Iterable[Callback] = ()) -> Run:
+    """Build data, model, optimizer, scheduler, policies and the Trainer of a run directory.
+
+    Writes ``run_dir/config.yaml`` (the resolved config).
+    """
+    check_device(cfg.device)
+    data = load_splits(cfg)
+    model = build_model(cfg, data.info)
+    optimizer = build_optimizer(cfg.optim, model)
+    loss_fn, metrics = loss_and_metrics(data.info)
+    extra = list(callbacks)
+    if cfg.train.tensorboard:
+        from adaptnet.train.tensorboard import TensorBoardCallback
+
+        extra.append(TensorBoardCallback(Path(run_dir) / "tensorboard"))
+    t = cfg.train
+    trainer = Trainer(
+        model, optimizer, loss_fn, build_policies(cfg), extra, build_scheduler(cfg, optimizer),
+        metrics=metrics, run_dir=run_dir, seed=cfg.seed, batch_size=cfg.data.batch_size, device=cfg.device,
+        compile=t.compile, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last, on_nonfinite=t.on_nonfinite,
+        lr_backoff=t.lr_backoff, max_rollbacks=t.max_rollbacks, grad_clip=t.grad_clip, probe_size=t.probe_size,
+        progress=progress, config=cfg.to_dict(),
+    )
+    return Run(cfg, data, trainer)
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, data: tuple[torch.Tensor, torch.Tensor], batch_size: int = 1024) -> dict[str, float]:
+    """Loss and metrics of the trainer's current model on ``data`` (for example the test split)."""
+    model, device = trainer.model, resolve_device(trainer.device)
+    was_training = model.training
+    model.eval()
+    x, y = data
+    outputs = torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    targets = y.to(device)
+    result = {"loss": float(trainer.loss_fn(outputs, targets))}
+    result.update({name: fn(outputs, targets) for name, fn in trainer.metrics.items()})
+    model.train(was_training)
+    return result
