@@ -4,6 +4,7 @@ do a different amount of work for each input."""
 from adaptnet.nn.activations import ACTIVATIONS, ReLU, make_activation
 from adaptnet.nn.blocks import Block, ResidualBlock
 from adaptnet.nn.cnn import AdaptiveCNN
+from adaptnet.nn.early_exit import EarlyExit, ExitStats, calibrate_threshold
 from adaptnet.nn.flops import count_macs
 from adaptnet.nn.groups import Slice, UnitGroup
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
@@ -19,6 +20,8 @@ __all__ = [
     "AdaptiveCNN",
     "AdaptiveMLP",
     "Block",
+    "EarlyExit",
+    "ExitStats",
     "PerToken",
     "PonderNet",
     "ReLU",
@@ -27,6 +30,7 @@ __all__ = [
     "Slice",
     "UnitGroup",
     "adaptive_loss",
+    "calibrate_threshold",
     "count_macs",
     "lengths_to_mask",
     "make_activation",

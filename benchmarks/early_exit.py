@@ -1,0 +1,270 @@
+"""Early exits: do the FLOPs saved by leaving early turn into wall-clock saved on batches?
+
+Two tasks, each with an ``EarlyExit.mlp(d, [512] * 5, C)`` (a Linear+ReLU block and a linear
+exit head per layer) trained with the ``Trainer`` (every exit's loss, equal weights; Adam,
+cosine learning rate):
+
+  checkerboard  x ~ U(-1, 1)^2, class = (i + 2 j) mod 4 for the cell (i, j) of a 6 x 6 grid.
+                Depth matters: one hidden layer reaches about half the accuracy of four,
+                and how hard a point is depends on where it lies, so the exits differ per
+                sample. 6000 / 4000 / 4000 rows (train / validation / test).
+  digits        scikit-learn's 8x8 digits (10 classes), 60/20/20 stratified split. Easy: the
+                first exit is about as accurate as the last.
+
+The confidence threshold is calibrated on the validation split (``calibrate_threshold``, at
+most one accuracy point below the final exit). On the test split, at batch sizes 1, 64 and
+1024, side by side in the same run (each repeat times the three one after the other; the
+median over repeats is reported, per sample):
+
+  (a) full   every block and the final head (``forward_full``): the network without exits
+  (b) early  ``model(x)`` in eval mode: active-set compaction, rows leave the batch at their
+             exit and later blocks run on the rows still undecided
+  (c) loop   what public early-exit code does: each sample alone through the blocks,
+             stopping at its exit (the same decisions as (b))
+
+Batches cycle through the shuffled test split. Speed-up = time of (a) / time of (b) or (c),
+in wall-clock; the CPU time of the timing thread is recorded too (on a shared, loaded machine
+it is the steadier of the two: time spent descheduled does not count).
+The other criteria (entropy, patience) are calibrated the same way and reported without
+timings.
+
+Run: ``python benchmarks/early_exit.py`` (``--quick`` for a smoke run, ``--task``,
+``--threads``, ``--repeats``, ``--out`` for the JSON path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from _teacher_student import RESULTS, machine_info, render, write_json
+from adaptnet.nn.early_exit import EarlyExit, calibrate_threshold
+from adaptnet.nn.flops import count_macs
+from adaptnet.train.trainer import Trainer
+
+DEFAULT_OUT = RESULTS / "early_exit.json"
+BATCH_SIZES = (1, 64, 1024)
+MAX_DROP = 0.01
+Split = tuple[torch.Tensor, torch.Tensor]
+TASKS: dict[str, dict[str, Any]] = {
+    "checkerboard": {"epochs": 10, "lr": 2e-3, "rows": (6000, 4000, 4000)},
+    "digits": {"epochs": 30, "lr": 1e-3},
+}
+FULL = {"width": 512, "blocks": 5, "repeats": 7, "rows_bs1": 400, "rows_batched": 2048}
+QUICK = {"width": 64, "blocks": 4, "repeats": 2, "rows_bs1": 50, "rows_batched": 1024, "epochs": 2,
+         "rows": (1000, 500, 500)}
+
+
+def checkerboard(rows: tuple[int, int, int], cells: int = 6, classes: int = 4) -> dict[str, Split]:
+    def split(n: int, seed: int) -> Split:
+        x = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (n, 2)
+        cell = ((x + 1) / 2 * cells).floor().long().clamp(max=cells - 1)  # (n, 2) grid cell
+        return x, (cell[:, 0] + 2 * cell[:, 1]) % classes
+
+    return {name: split(n, seed) for seed, (name, n) in enumerate(zip(("train", "val", "test"), rows, strict=True))}
+
+
+def digits() -> dict[str, Split]:
+    data = load_digits()
+    x, y = data.data.astype("float32") / 16.0, data.target
+    x_tr, x_rest, y_tr, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=0)
+    x_val, x_te, y_val, y_te = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=0)
+    return {name: (torch.from_numpy(a), torch.from_numpy(b).long())
+            for name, a, b in (("train", x_tr, y_tr), ("val", x_val, y_val), ("test", x_te, y_te))}
+
+
+def loop_one_by_one(model: EarlyExit, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(c): the per-sample loop of public early-exit code (confidence rule, one row at a time)."""
+    out = []
+    for row in x:
+        h = row[None]  # (1, F)
+        for block, head in zip(model.blocks, model.heads, strict=True):
+            h = block(h)
+            z = head(h)
+            if torch.softmax(z, dim=1).max() >= threshold:
+                break
+        out.append(z)
+    return torch.cat(out)
+
+
+def batches(x: torch.Tensor, size: int, rows: int) -> list[torch.Tensor]:
+    """``rows`` rows (cycling through ``x``) in batches of ``size``."""
+    index = torch.arange(max(rows, size)) % x.shape[0]
+    return [x[index[i:i + size]] for i in range(0, len(index), size)]
+
+
+def time_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], parts: list[torch.Tensor]) -> tuple[float, float]:
+    """Seconds per sample: wall-clock, and CPU time of this thread (what other processes on a
+    shared machine cannot inflate; with one intra-op thread all the work runs on it)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for part in parts:
+        fn(part)
+    rows = sum(p.shape[0] for p in parts)
+    return (time.perf_counter() - wall) / rows, (time.thread_time() - cpu) / rows
+
+
+def measure(model: EarlyExit, x: torch.Tensor, threshold: float, config: dict[str, Any]) -> dict[str, Any]:
+    arms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "full": model.forward_full,
+        "early": model,
+        "loop": lambda part: loop_one_by_one(model, part, threshold),
+    }
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))]
+    out = {}
+    for size in BATCH_SIZES:
+        parts = batches(x, size, config["rows_bs1"] if size == 1 else config["rows_batched"])
+        # The loop's cost per sample does not depend on the batch: time it on fewer rows.
+        rows = {"full": parts, "early": parts, "loop": parts[:max(1, config["rows_bs1"] // size)]}
+        for fn in arms.values():  # warm-up (the first eval forward also measures the MACs per exit)
+            fn(parts[0])
+        wall: dict[str, list[float]] = {name: [] for name in arms}
+        cpu: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(config["repeats"]):
+            for name, fn in arms.items():
+                w, c = time_per_sample(fn, rows[name])
+                wall[name].append(w)
+                cpu[name].append(c)
+        median = {name: statistics.median(v) for name, v in wall.items()}
+        median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+        out[str(size)] = {
+            "rows": {name: sum(p.shape[0] for p in r) for name, r in rows.items()},
+            "us_per_sample": {name: 1e6 * t for name, t in median.items()},
+            "speedup_early_over_full": median["full"] / median["early"],
+            "speedup_loop_over_full": median["full"] / median["loop"],
+            "cpu_us_per_sample": {name: 1e6 * t for name, t in median_cpu.items()},
+            "cpu_speedup_early_over_full": median_cpu["full"] / median_cpu["early"],
+            "cpu_speedup_loop_over_full": median_cpu["full"] / median_cpu["loop"],
+            "all_repeats_wall_us": {name: [round(1e6 * t, 3) for t in v] for name, v in wall.items()},
+        }
+    return out
+
+
+def head_macs(model: EarlyExit, x: torch.Tensor) -> list[int]:
+    """MACs per sample of each head alone."""
+    out, h = [], x[:1]
+    for block, head in zip(model.blocks, model.heads, strict=True):
+        h = block(h)
+        out.append(count_macs(head, h))
+    return out
+
+
+def run_task(name: str, data: dict[str, Split], config: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    x, y = data["test"]
+    classes = int(data["train"][1].max()) + 1
+    torch.manual_seed(0)
+    model = EarlyExit.mlp(x.shape[1], [config["width"]] * config["blocks"], classes)
+    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    trainer = Trainer(model, opt, F.cross_entropy, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=config["epochs"]), metrics=["accuracy"], batch_size=64, device="cpu", seed=0)
+    trainer.fit(data["train"], data["val"], epochs=config["epochs"])
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    criteria = {}
+    with torch.inference_mode():  # as a deployment would run it (all three arms alike)
+        every = model.exit_logits(x)
+        accuracy = [float((z.argmax(dim=1) == y).double().mean()) for z in every]
+        for criterion in ("entropy", "patience", "confidence"):  # confidence last: the one timed
+            model.set_criterion(criterion)
+            threshold, report = calibrate_threshold(model, *data["val"], max_accuracy_drop=MAX_DROP)
+            model.threshold = threshold
+            early = model(x)
+            stats = model.last_stats
+            assert stats is not None
+            criteria[criterion] = {
+                "threshold": threshold, "val_accuracy": report["accuracy"],
+                "val_final_accuracy": report["final_accuracy"],
+                "accuracy": float((early.argmax(dim=1) == y).double().mean()),
+                "exit_counts": stats.counts, "mean_depth": stats.mean_depth, "flops_fraction": stats.flops_fraction,
+                # the plain network (a) runs every block and the final head only
+                "macs_ratio_vs_full_network": stats.macs / (x.shape[0] * (
+                    model.exit_macs(x)[-1] - sum(head_macs(model, x)[:-1]))),
+            }
+        loop = loop_one_by_one(model, x, threshold)
+        criteria["confidence"]["accuracy_loop"] = float((loop.argmax(dim=1) == y).double().mean())
+        timing = measure(model, x, threshold, config)
+    return {"config": {**config, "classes": classes, "in_features": x.shape[1],
+                       "rows": {k: int(v[0].shape[0]) for k, v in data.items()},
+                       "train_seconds": round(train_seconds, 1)},
+            "accuracy_per_exit": accuracy, "criteria": criteria, "timing": timing}
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"early_exit: torch {m['torch']}, threads {m['threads']}, CPUs {m['cpu_count']} "
+             f"({m['cpus_usable']} usable), {m['cpu']}"]
+    for name, r in results["tasks"].items():
+        c, q = r["config"], r["criteria"]["confidence"]
+        lines += ["", f"== {name}: EarlyExit.mlp({c['in_features']}, [{c['width']}] x {c['blocks']}, {c['classes']}), "
+                      f"{c['epochs']} epochs ({c['train_seconds']} s); rows {c['rows']}; median of {c['repeats']} "
+                      f"repeats",
+                  f"test accuracy per exit {[round(a, 4) for a in r['accuracy_per_exit']]}", ""]
+        rows = [("criterion", "threshold", "test acc.", "final exit acc.", "exits per head", "mean depth",
+                 "FLOPs fraction", "MACs vs (a)")]
+        for crit, s in r["criteria"].items():
+            rows.append((crit, f"{s['threshold']:.4g}", f"{s['accuracy']:.4f}", f"{r['accuracy_per_exit'][-1]:.4f}",
+                         str(s["exit_counts"]), f"{s['mean_depth']:.2f}", f"{s['flops_fraction']:.3f}",
+                         f"{s['macs_ratio_vs_full_network']:.3f}"))
+        lines += [*render(rows), ""]
+        rows = [("batch", "(a) full us/sample", "(b) early us/sample", "(c) loop us/sample", "(b) speed-up",
+                 "(c) speed-up", "CPU-time speed-up (b), (c)")]
+        for size, t in r["timing"].items():
+            us = t["us_per_sample"]
+            rows.append((size, f"{us['full']:.1f}", f"{us['early']:.1f}", f"{us['loop']:.1f}",
+                         f"{t['speedup_early_over_full']:.2f}x", f"{t['speedup_loop_over_full']:.2f}x",
+                         f"{t['cpu_speedup_early_over_full']:.2f}x, {t['cpu_speedup_loop_over_full']:.2f}x"))
+        lines += render(rows)
+        lines.append(f"confidence threshold {q['threshold']:.4g} (calibrated on validation, max drop "
+                     f"{MAX_DROP:.0%}); speed-up from MACs alone: {1 / q['macs_ratio_vs_full_network']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--task", choices=[*TASKS, "all"], default="all", help="which task (default all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; 2 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: width 64, 4 blocks, 2 epochs, fewer rows, 2 repeats")
+    args = parser.parse_args(argv)
+    base = dict(QUICK if args.quick else FULL)
+    if args.repeats is not None:
+        base["repeats"] = args.repeats
+    if base["repeats"] < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be positive integers")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    tasks = {}
+    for name in TASKS if args.task == "all" else [args.task]:
+        config = {**TASKS[name], **base} if args.quick else {**base, **TASKS[name]}
+        data = checkerboard(config["rows"]) if name == "checkerboard" else digits()
+        tasks[name] = run_task(name, data, config)
+    results: dict[str, Any] = {
+        "benchmark": "early_exit",
+        "command": " ".join(["python", "benchmarks/early_exit.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(torch.get_num_threads()),
+        "config": {"model": "EarlyExit.mlp, Linear+ReLU blocks, linear heads", "optimizer": "Adam, cosine LR",
+                   "batch_size_train": 64, "max_accuracy_drop": MAX_DROP, "batch_sizes": list(BATCH_SIZES),
+                   "timed_criterion": "confidence", "quick": args.quick},
+        "tasks": tasks,
+    }
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(results))
+    write_json(results, args.out)
+    print(f"\n{results['seconds']} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
