@@ -8,7 +8,7 @@ derivative at 0 is 1, trained on the MSE; one unit added to its hidden layer aft
 200, 400, 600, 800 and 1000 (the notebook's step indices, counted from 0), 1500 steps in all.
 
 The student is an ``adaptnet.AdaptiveMLP(10, [5], 10)`` (default activation ``"relu"`` =
-``clamp_min(x, 0)``, derivative 1 at 0). AdaptiveMLP has no bias switch: without a norm
+gradient 1 at 0). AdaptiveMLP has no bias switch: without a norm
 every Linear has a bias. ``bias_free`` removes them the way PyTorch declares a bias-free
 Linear (``linear.bias = None``); adaptnet's unit groups list a bias slice only when there
 is one, so the student is exactly the notebook's bias-free network, edits included.

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                              *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(torch.get_num_threads()),
         "config": {"teacher": "10-10-10, no bias, U(-1, 1), ReLU", "teacher_seed": TEACHER_SEED,
-                   "student": "bias-free AdaptiveMLP(10, [5], 10), Glorot uniform, relu = clamp_min (d/dx at 0 = 1)",
+                   "student": "bias-free AdaptiveMLP(10, [5], 10), Glorot uniform, adaptnet relu (d/dx at 0 = 1)",
                    "data": "1000 x ~ N(0, 1), full batch", "loss": "mse", "optimizer": "SGD", "lr": LR,
                    "steps": steps, "grow_at": list(grow_at), "by": 1, "seeds": list(range(seeds)),
                    "noise_net2net_firefly": NOISE, "quick": args.quick,
