@@ -5,13 +5,24 @@ optimizer's state carried over), policies that decide when and where, and the to
 train, checkpoint and inspect them.
 """
 
-from adaptnet.edit import Edit, IndexMap, deepen, prune, register_layer, register_optimizer, remove_layer, widen
+from adaptnet.edit import (
+    Edit,
+    IndexMap,
+    deepen,
+    grow_experts,
+    prune,
+    register_layer,
+    register_optimizer,
+    remove_layer,
+    widen,
+)
 from adaptnet.errors import EditError
 from adaptnet.nn import (
     ACT,
     AdaptiveCNN,
     AdaptiveMLP,
     EarlyExit,
+    MoE,
     PerToken,
     PonderNet,
     RecurrentStep,
@@ -56,6 +67,7 @@ __all__ = [
     "GrowOnPlateau",
     "GrowOnSignal",
     "IndexMap",
+    "MoE",
     "PerToken",
     "Policy",
     "PonderNet",
@@ -69,6 +81,7 @@ __all__ = [
     "calibrate_threshold",
     "count_macs",
     "deepen",
+    "grow_experts",
     "load",
     "model_from_spec",
     "pad_sequences",

@@ -1,6 +1,7 @@
 """How structure changes: unit groups, index maps, initialisers, optimizer-state migration."""
 
 from adaptnet.edit._apply import apply_index_map, register_layer
+from adaptnet.edit.experts import grow_experts
 from adaptnet.edit.importance import IMPORTANCES
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.init import INITS
@@ -15,6 +16,7 @@ __all__ = [
     "IndexMap",
     "apply_index_map",
     "deepen",
+    "grow_experts",
     "prune",
     "register_layer",
     "register_optimizer",

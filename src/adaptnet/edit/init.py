@@ -28,6 +28,7 @@ from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import LossFn, backward_on
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.index_map import IndexMap
+from adaptnet.errors import EditError
 from adaptnet.nn.groups import Slice, UnitGroup
 
 INITS = ("net2net", "firefly", "zero", "gradmax", "random")
@@ -47,7 +48,12 @@ def _fresh_shape(sl: Slice, n: int) -> list[int]:
 
 def _fan_in(sl: Slice, n_new: int) -> int:
     """Fan-in of the layer owning ``sl`` after the edit (for a fresh layer's init bound)."""
-    weight: torch.Tensor = getattr(sl.module, "weight")  # noqa: B009  (typed as a tensor)
+    weight = getattr(sl.module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise EditError(
+            f"fresh random weights need a fan-in, read from a layer's .weight (Linear, Conv); "
+            f"{type(sl.module).__name__} has none: use init='net2net' or 'gradmax' for this group"
+        )
     per_row = weight[0].numel()
     if sl.role == "in":  # the consumer's rows grow by the new columns
         per_row = per_row // weight.shape[1] * n_new

@@ -11,7 +11,7 @@ class Edit:
     """What one structural edit did.
 
     Attributes:
-        op: ``"widen"``, ``"prune"``, ``"deepen"`` or ``"remove_layer"``.
+        op: ``"widen"``, ``"prune"``, ``"deepen"``, ``"remove_layer"`` or ``"grow_experts"``.
         layer: the layer index the edit was asked for (for ``deepen``, the new layer's index).
         group: name of the edited unit group or block (``"blocks.1"``).
         init: the initialiser (``widen``/``deepen``) or importance (``prune``) used.

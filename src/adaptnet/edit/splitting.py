@@ -42,7 +42,11 @@ def splitting_scores(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Lo
             loss = loss_fn(out, y) * x.shape[0]
             loss.backward()
         grad = captured[0].grad
-        assert grad is not None
+        if grad is None or grad.dim() < 2 or grad.shape[1] != group.size:
+            raise EditError(
+                f"init='firefly' reads the units' pre-activations from the output of {type(producer).__name__}, "
+                f"which is not (batch, {group.size} units, ...): use init='net2net' or 'gradmax' for this group"
+            )
         per_sample = grad.reshape(grad.shape[0], grad.shape[1], -1).sum(dim=2).to(torch.float64)  # (B, n)
         return per_sample.var(dim=0, correction=0)
     finally:

@@ -10,6 +10,7 @@ from adaptnet.nn.groups import Slice, UnitGroup
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.mlp import AdaptiveMLP
+from adaptnet.nn.moe import MoE, MoEStats
 from adaptnet.nn.registry import model_from_spec, register_model
 from adaptnet.nn.sequences import PerToken, lengths_to_mask, pad_sequences
 from adaptnet.nn.serialize import module_from_spec, module_spec, register_layer_spec
@@ -22,6 +23,8 @@ __all__ = [
     "Block",
     "EarlyExit",
     "ExitStats",
+    "MoE",
+    "MoEStats",
     "PerToken",
     "PonderNet",
     "ReLU",

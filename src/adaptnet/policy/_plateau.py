@@ -57,7 +57,7 @@ def macs_per_unit(model: nn.Module, group: UnitGroup, x: torch.Tensor) -> tuple[
     now = count_macs(model, x)
     snapshot = Snapshot(model, None)
     try:
-        widen(model, group.layer, 1, init="zero")
+        widen(model, group.layer, 1, init="net2net")  # needs no batch, works on any group
         return now, count_macs(model, x) - now
     finally:
         snapshot.restore()
