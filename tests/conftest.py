@@ -1,4 +1,6 @@
-"""Shared test settings: markers and deterministic defaults."""
+"""Shared test settings: markers, one intra-op thread, deterministic defaults."""
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,5 +16,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _one_thread_and_seed() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and immune to a loaded machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
