@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from torch import nn
 from adaptnet.edit import Edit
 from adaptnet.train.build import Run, evaluate
 from adaptnet.train.callbacks import Callback
+from adaptnet.train.distributed import from_env, resolve_device
 from adaptnet.train.report import summarize
 
 if TYPE_CHECKING:
@@ -56,10 +58,38 @@ def describe(run: Run, model: nn.Module | None = None) -> str:
             f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.train.epochs} epochs on {run.trainer.device}")
 
 
+def on_main_then_share(device: str, compute: Callable[[], str]) -> str:
+    """``compute()`` on rank 0 (a ``CLIError`` it raises is raised on every rank), shared with all.
+
+    In a single process this is just ``compute()``. Under torchrun the process group is
+    initialised here (the Trainer then uses it).
+    """
+    dist = from_env(resolve_device(device))
+    if dist is None:
+        return compute()
+    import torch.distributed as torch_dist
+
+    box: list[Any] = [None, None]
+    if dist.is_main:
+        try:
+            box[0] = compute()
+        except CLIError as err:
+            box[1] = str(err)
+    torch_dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CLIError(box[1])
+    return str(box[0])
+
+
 def fit_and_summarize(run: Run, run_dir: Path, *, resume: bool) -> int:
-    """Train (or continue) to the configured epochs, print the summary; the exit status."""
+    """Train (or continue) to the configured epochs, print the summary; the exit status.
+
+    Under torchrun every rank trains and only rank 0 prints.
+    """
     trainer = run.trainer
     trainer.fit(run.data.train, run.data.val, run.epochs, resume=resume, handle_signals=True)
+    if not trainer.is_main:
+        return EXIT_STOPPED if trainer.epoch < run.epochs else 0
     print(summarize(run_dir))
     if trainer.epoch < run.epochs:
         print(f"adaptnet: stopped at epoch {trainer.epoch} of {run.epochs} (checkpoint saved); "

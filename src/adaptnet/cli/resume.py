@@ -9,6 +9,7 @@ from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summa
 from adaptnet.train.build import build_run
 from adaptnet.train.checkpoint import CheckpointManager, load
 from adaptnet.train.config import load_config
+from adaptnet.train.distributed import is_main_process
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG
 
 HELP = "continue a run from its latest checkpoint to its configured epochs"
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     done = int(state.get("epoch", 0))
     if done > cfg.train.epochs:
         raise CLIError(f"{run_dir} has already trained {done} epochs; pass --epochs N with N > {done} to go on")
-    callbacks = [] if args.quiet else [EpochPrinter(cfg.train.epochs)]
-    built = build_run(cfg, run_dir, progress=not args.quiet, callbacks=callbacks)
-    if not args.quiet:
+    main = is_main_process()  # under torchrun only rank 0 prints
+    callbacks = [] if args.quiet or not main else [EpochPrinter(cfg.train.epochs)]
+    built = build_run(cfg, run_dir, progress=not args.quiet and main, callbacks=callbacks)
+    if not args.quiet and main:
         print(f"resuming {run_dir} from {latest.name} (epoch {done}): {describe(built, model)}", flush=True)
     return fit_and_summarize(built, run_dir, resume=True)

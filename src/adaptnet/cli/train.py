@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summarize
+from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summarize, on_main_then_share
 from adaptnet.train.build import build_run
 from adaptnet.train.config import load_config
+from adaptnet.train.distributed import is_main_process
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG, METRICS
 
 HELP = "train a model from a YAML config into a new run directory"
@@ -46,12 +47,19 @@ def check_fresh(out: Path) -> None:
         raise CLIError(f"{out} already holds a run; continue it with `adaptnet resume {out}` or choose another --out")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+def _out_and_check(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else default_out(args.config)
     check_fresh(out)
-    callbacks = [] if args.quiet else [EpochPrinter(cfg.train.epochs)]
-    built = build_run(cfg, out, progress=not args.quiet, callbacks=callbacks)
-    if not args.quiet:
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    # Under torchrun rank 0 names and checks the run directory and tells the other ranks.
+    out = Path(on_main_then_share(cfg.device, lambda: str(_out_and_check(args))))
+    main = is_main_process()
+    callbacks = [] if args.quiet or not main else [EpochPrinter(cfg.train.epochs)]
+    built = build_run(cfg, out, progress=not args.quiet and main, callbacks=callbacks)
+    if not args.quiet and main:
         print(f"training {describe(built)} -> {out}", flush=True)
     return fit_and_summarize(built, out, resume=False)

@@ -20,8 +20,9 @@ from adaptnet.policy import Policy, make_policy
 from adaptnet.train.callbacks import Callback
 from adaptnet.train.config import CNNConfig, Config, ConfigError, OptimConfig
 from adaptnet.train.data import Splits, TaskInfo, load_data
+from adaptnet.train.distributed import is_main_process, resolve_device
 from adaptnet.train.metrics import METRICS, MetricFn
-from adaptnet.train.trainer import LossFn, Trainer, resolve_device
+from adaptnet.train.trainer import LossFn, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def build_run(cfg: Config, run_dir: str | Path, *, progress: bool = False,
     optimizer = build_optimizer(cfg.optim, model)
     loss_fn, metrics = loss_and_metrics(data.info)
     extra = list(callbacks)
-    if cfg.train.tensorboard:
+    if cfg.train.tensorboard and is_main_process():  # only rank 0 writes logs
         from adaptnet.train.tensorboard import TensorBoardCallback
 
         extra.append(TensorBoardCallback(Path(run_dir) / "tensorboard"))

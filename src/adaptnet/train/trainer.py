@@ -6,17 +6,19 @@ metrics row, checkpoint. Resume is exact: the data order of an epoch is derived 
 ``(seed, epoch)``, and a checkpoint holds every RNG state, the optimizer, the scheduler, the
 policies and the loop counters, so an interrupted and resumed run equals an uninterrupted
 one bit for bit on CPU.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel: tensor data is
+sharded, the model is wrapped in DDP (again after every edit), edits are agreed on by all
+ranks and applied to the unwrapped model on each, and only rank 0 writes the run directory.
+The plumbing is in ``adaptnet.train.distributed``; see docs/distributed.md.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ from adaptnet.policy import EditRequest, Policy, Signals, apply_request
 from adaptnet.train import _rng
 from adaptnet.train.callbacks import Callback
 from adaptnet.train.checkpoint import CheckpointManager, load, restore_optimizer
+from adaptnet.train.distributed import ShardedSampler, from_env, resolve_device
 from adaptnet.train.metrics import MetricFn, resolve
-from adaptnet.train.rundir import RunDir
+from adaptnet.train.rundir import CHECKPOINTS, RunDir
+from adaptnet.train.safety import capture_training_state, restore_training_state, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +44,6 @@ Data = DataLoader | tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss stayed non-finite after every rollback)."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 class Trainer:
@@ -108,6 +102,9 @@ class Trainer:
         if not 0 < lr_backoff < 1:
             raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
         self.device = resolve_device(device)
+        self.dist = from_env(self.device)  # None in a single process
+        if self.dist is not None:
+            self.device = self.dist.device(self.device)
         self.model = model.to(self.device)
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.policies, self.callbacks = list(policies), list(callbacks)
@@ -116,15 +113,19 @@ class Trainer:
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
         self.lr_backoff, self.max_rollbacks, self.grad_clip = lr_backoff, max_rollbacks, grad_clip
         self.probe_size, self.progress = probe_size, progress
-        self.run = RunDir(run_dir) if run_dir is not None else None
-        self.checkpoints = CheckpointManager(self.run.checkpoints, keep_last) if self.run else None
+        # Every rank reads checkpoints (resume); only rank 0 writes the run directory.
+        self.run = RunDir(run_dir) if run_dir is not None and self.is_main else None
+        self.checkpoints = CheckpointManager(Path(run_dir) / CHECKPOINTS, keep_last) if run_dir is not None else None
         if self.run is not None and config is not None:
             self.run.write_config(config)
         # Loop state (all of it is checkpointed).
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.batch_in_epoch = 0
-        self.epoch_loss = [0.0, 0]  # sum of batch losses and count, for the running epoch
+        self.epoch_loss = [0.0, 0]  # sum of batch losses and count, for the running epoch (this rank)
+        self.samples_in_epoch = 0  # samples consumed in the running epoch, all ranks together
+        # Tensor data is dealt out by a ShardedSampler under DDP (and after resuming a DDP run).
+        self._sharded = self.dist is not None
         self.rollbacks = 0
         self.history: dict[str, list[float]] = {}
         self._resume_rng: dict[str, Any] | None = None
@@ -134,6 +135,11 @@ class Trainer:
         self._wrap()
 
     # -- public ------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (and in a single process): the process that writes and prints."""
+        return self.dist is None or self.dist.is_main
+
     def request_stop(self) -> None:
         """Finish the current step, checkpoint (with a run directory) and return from ``fit``."""
         self._stop = True
@@ -152,10 +158,10 @@ class Trainer:
         val_loader = self._loader(val, shuffle=False) if val is not None else None
         probe = self._probe(val_loader or train_loader)
         self._stop = False
-        with self._signals(handle_signals):
+        with stop_on_signals(handle_signals, self.request_stop):
             for cb in self.callbacks:
                 cb.on_fit_start(self)
-            while self.epoch < epochs and not self._stop:
+            while self.epoch < epochs and not self._stop_everywhere():
                 if not self._train_epoch(train_loader):
                     break
                 self._end_epoch(val_loader, probe, last=self.epoch + 1 >= epochs)
@@ -168,17 +174,26 @@ class Trainer:
         return self.history
 
     def save_checkpoint(self) -> Path | None:
+        """Checkpoint (rank 0 writes; under DDP every rank must call it: it all-reduces the loss)."""
         if self.checkpoints is None:
             return None
-        path = self.checkpoints.save(
-            self.step, self.model, self.optimizer, self.scheduler,
-            epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
-            epoch_loss=list(self.epoch_loss), rollbacks=self.rollbacks, history=self.history,
-            policies=[p.state_dict() for p in self.policies], rng=_rng.capture(), seed=self.seed,
-        )
+        epoch_loss = self.dist.sum(self.epoch_loss) if self.dist is not None else list(self.epoch_loss)
+        path: Path | None = None
+        if self.is_main:
+            path = self.checkpoints.save(
+                self.step, self.model, self.optimizer, self.scheduler,
+                epoch=self.epoch, step=self.step, batch_in_epoch=self.batch_in_epoch,
+                epoch_loss=[epoch_loss[0], int(epoch_loss[1])], rollbacks=self.rollbacks, history=self.history,
+                policies=[p.state_dict() for p in self.policies], rng=_rng.capture(), seed=self.seed,
+                samples_in_epoch=self.samples_in_epoch, sharded=self._sharded,
+                world_size=self.dist.world_size if self.dist is not None else 1,
+            )
+        if self.dist is not None:
+            self.dist.barrier()  # the checkpoint is complete before any rank goes on
         self._saved_at = (self.step, self.batch_in_epoch)
-        for cb in self.callbacks:
-            cb.on_checkpoint(self, path)
+        if path is not None:  # rank 0 only
+            for cb in self.callbacks:
+                cb.on_checkpoint(self, path)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -195,7 +210,11 @@ class Trainer:
         for policy, saved in zip(self.policies, state["policies"], strict=True):
             policy.load_state_dict(saved)
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        self.epoch_loss, self.rollbacks = list(state["epoch_loss"]), state["rollbacks"]
+        # The checkpoint holds the loss summed over ranks: rank 0 carries it, the others restart at 0.
+        self.epoch_loss = list(state["epoch_loss"]) if self.is_main else [0.0, 0]
+        self.rollbacks = state["rollbacks"]
+        self.samples_in_epoch = int(state.get("samples_in_epoch", self.batch_in_epoch * self.batch_size))
+        self._sharded = self._sharded or bool(state.get("sharded", False))
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._resume_rng = state["rng"]
         if self.run is not None:
@@ -203,6 +222,12 @@ class Trainer:
         self._wrap()
         logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
         return True
+
+    def _stop_everywhere(self) -> bool:
+        """Whether a stop was requested (on any rank: the ranks must stop at the same step)."""
+        if self.dist is not None:
+            self._stop = self.dist.any(self._stop)
+        return self._stop
 
     # -- one epoch ---------------------------------------------------------------------------
     def _batches(self, loader: DataLoader) -> Iterator[Any]:
@@ -212,8 +237,14 @@ class Trainer:
             gen = getattr(owner, "generator", None)
             if isinstance(gen, torch.Generator):
                 gen.manual_seed(_rng.derive_seed(self.seed, self.epoch, 1))
+        skip = self.batch_in_epoch
+        if isinstance(loader.sampler, ShardedSampler):
+            # Start after the samples consumed (by any number of ranks) instead of skipping batches.
+            loader.sampler.start, skip = self.samples_in_epoch, 0
+        if callable(getattr(loader.sampler, "set_epoch", None)):
+            loader.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]
         batches = iter(loader)
-        for _ in range(self.batch_in_epoch):  # resuming inside an epoch: skip what was done
+        for _ in range(skip):  # resuming inside an epoch: skip what was done
             next(batches)
         if self._resume_rng is not None:
             # Inside an epoch, continue the interrupted RNG stream; at an epoch boundary the
@@ -239,14 +270,18 @@ class Trainer:
         if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=len(loader) - self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
+            done = 0 if isinstance(loader.sampler, ShardedSampler) else self.batch_in_epoch
+            batches = tqdm(batches, total=len(loader) - done, desc=f"epoch {self.epoch + 1}",
                            leave=False)
         self.model.train()
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = adaptive_loss(self.model, self.loss_fn, self._forward(x), y)
-            if not torch.isfinite(loss):
+            nonfinite = not torch.isfinite(loss)
+            if self.dist is not None and self.dist.any(nonfinite) and not nonfinite:
+                return self._nonfinite(float("nan"), on_other_rank=True)  # every rank rolls back, or none
+            if nonfinite:
                 return self._nonfinite(loss.item())
             loss.backward()
             if self.grad_clip is not None:
@@ -255,16 +290,17 @@ class Trainer:
             self.step += 1
             self.batch_in_epoch += 1
             self.epoch_loss = [self.epoch_loss[0] + loss.item(), self.epoch_loss[1] + 1]
+            self.samples_in_epoch += len(x) * (self.dist.world_size if self.dist is not None else 1)
             for cb in self.callbacks:
                 cb.on_batch_end(self, self.step, loss.detach())
-            if self._stop:
+            if self._stop_everywhere():  # a stop on one rank stops all at this step
                 return "stopped"
         return "done"
 
     def _end_epoch(self, val: DataLoader | None, probe: tuple[torch.Tensor, torch.Tensor], last: bool) -> None:
         began = time.perf_counter()
-        row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
-                               "train_loss": self.epoch_loss[0] / max(1, self.epoch_loss[1])}
+        loss_sum, count = self.dist.sum(self.epoch_loss) if self.dist is not None else self.epoch_loss
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / max(1, count)}
         if val is not None:
             row.update(self._validate(val))
         row["params"] = sum(p.numel() for p in self.model.parameters())
@@ -276,13 +312,13 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.epoch += 1
-        self.batch_in_epoch, self.epoch_loss, self.rollbacks = 0, [0.0, 0], 0
+        self.batch_in_epoch, self.epoch_loss, self.rollbacks, self.samples_in_epoch = 0, [0.0, 0], 0, 0
         self._apply_policies(probe)
         row["seconds"] = round(time.perf_counter() - began, 4)
         if self.run is not None:
             self.run.append_metrics(row)
         logger.info("epoch %d: %s", self.epoch, {k: v for k, v in row.items() if k != "epoch"})
-        if last or self._stop or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
+        if last or self._stop_everywhere() or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
             self.save_checkpoint()
         for cb in self.callbacks:
             cb.on_epoch_end(self, self.epoch, row)
@@ -291,8 +327,11 @@ class Trainer:
     def _validate(self, loader: DataLoader) -> dict[str, float]:
         self.model.eval()
         outputs, targets = [], []
+        # Under DDP every rank evaluates the whole validation set with the unwrapped model
+        # (identical parameters: identical numbers, no collective).
+        forward = self._forward if self.dist is None else self.model
         for x, y in loader:
-            outputs.append(self._forward(x.to(self.device)))
+            outputs.append(forward(x.to(self.device)))
             targets.append(y.to(self.device))
         out, tgt = torch.cat(outputs), torch.cat(targets)
         result = {"val_loss": float(self.loss_fn(out, tgt))}
@@ -306,13 +345,19 @@ class Trainer:
         signals = Signals(self.epoch, self.step, self.model, self.history, probe, self.loss_fn,
                           _rng.generator(self.seed, self.step), lr=self.optimizer.param_groups[0]["lr"])
         for policy in self.policies:
-            for request in policy.decide(signals):
+            requests = policy.decide(signals)
+            if self.dist is not None:
+                self.dist.agree(f"the edits of policy {getattr(policy, 'name', type(policy).__name__)!r} "
+                                f"at step {self.step}",
+                                {"params": signals.num_params, "requests": [r.to_dict() for r in requests]})
+            for request in requests:
                 self._edit(request, probe, signals.generator)
 
     def _edit(self, request: EditRequest, probe: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> None:
         for cb in self.callbacks:
             cb.on_before_edit(self, request)
         loss_before = self._probe_loss(probe)
+        self._unwrap()
         edit = apply_request(request, self.model, self.optimizer, probe, self.loss_fn, gen)
         self._wrap()
         event = {"step": self.step, "epoch": self.epoch, **edit.to_dict(), "policy": request.policy,
@@ -332,25 +377,28 @@ class Trainer:
         self.model.train(training)
         return loss
 
+    def _unwrap(self) -> None:
+        """Drop the wrappers before an edit: a DDP wrapper holds references to the parameters, and
+        an edit swaps their contents in place (``torch.utils.swap_tensors`` refuses shared ones)."""
+        self._forward = self.model  # the DDP reducer and its hooks go with the wrapper (no cycles)
+
     def _wrap(self) -> None:
-        """(Re-)create what wraps the model: one compile per architecture."""
-        self._forward = torch.compile(self.model) if self.compile else self.model
+        """(Re-)create what wraps the model: DDP (its hooks cover only the parameters that exist when
+        it is built), then one compile per architecture."""
+        module = self.dist.wrap(self.model, self.device) if self.dist is not None else self.model
+        self._forward = torch.compile(module) if self.compile else module
 
     # -- non-finite losses ---------------------------------------------------------------------
     def _epoch_snapshot(self) -> dict[str, Any]:
         if self.on_nonfinite != "rollback":
             return {}
-        return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
-            "counters": (self.step, self.batch_in_epoch, list(self.epoch_loss)),
-            # The RNG state a retry starts from: the epoch's own seed, or the resumed state.
-            "rng": self._resume_rng,
-        }
+        # The RNG state a retry starts from: the epoch's own seed, or the resumed state.
+        counters = (self.step, self.batch_in_epoch, list(self.epoch_loss), self.samples_in_epoch)
+        return {**capture_training_state(self.model, self.optimizer, self.scheduler), "counters": counters,
+                "rng": self._resume_rng}
 
-    def _nonfinite(self, value: float) -> str:
-        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+    def _nonfinite(self, value: float, on_other_rank: bool = False) -> str:
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}" + (" (on another rank)" if on_other_rank else "")
         if self.on_nonfinite == "stop":
             raise TrainingError(f"the loss became {value} at {where}; stopped (the last checkpoint is intact)")
         if self.rollbacks >= self.max_rollbacks:
@@ -361,15 +409,9 @@ class Trainer:
         return "nonfinite"
 
     def _rollback(self, start: dict[str, Any]) -> None:
-        self.model.load_state_dict(start["model"])
-        self.optimizer.load_state_dict(start["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(start["scheduler"])
-            self.scheduler.base_lrs = [lr * self.lr_backoff for lr in self.scheduler.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.lr_backoff
-        self.step, self.batch_in_epoch, self.epoch_loss = start["counters"][0], start["counters"][1], \
-            list(start["counters"][2])
+        restore_training_state(start, self.model, self.optimizer, self.scheduler, lr_scale=self.lr_backoff)
+        self.step, self.batch_in_epoch, epoch_loss, self.samples_in_epoch = start["counters"]
+        self.epoch_loss = list(epoch_loss)
         self._resume_rng = start["rng"]
         self.rollbacks += 1
         if self.run is not None:
@@ -382,29 +424,17 @@ class Trainer:
             return data
         if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
             raise TypeError("data must be a DataLoader or a pair of tensors (inputs, targets)")
-        return DataLoader(TensorDataset(*data), batch_size=self.batch_size, shuffle=shuffle)
+        dataset = TensorDataset(*data)
+        if shuffle and self._sharded:  # batch_size rows per rank and step
+            rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+            sampler = ShardedSampler(dataset, world, rank, seed=_rng.derive_seed(self.seed, 2) % 2**62)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
 
     def _probe(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed batch (the first ``probe_size`` rows of the dataset, never shuffled)."""
         x, y = next(iter(DataLoader(loader.dataset, batch_size=self.probe_size, shuffle=False)))
         return x.to(self.device), y.to(self.device)
-
-    @contextmanager
-    def _signals(self, enabled: bool) -> Iterator[None]:
-        if not enabled:
-            yield
-            return
-
-        def stop(signum: int, frame: Any) -> None:
-            logger.warning("received %s: stopping after this step", signal.Signals(signum).name)
-            self.request_stop()
-
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def _write_report(self) -> None:
         assert self.run is not None

@@ -1,0 +1,200 @@
+"""Data-parallel plumbing for the Trainer under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA).
+
+Nothing here launches processes: ``torchrun`` (or any launcher that sets ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``) does. ``from_env`` returns None in a
+single process, and a ``Dist`` otherwise; the Trainer uses it to
+
+* shard tensor data (``ShardedSampler``: a ``DistributedSampler`` whose epoch can start
+  after the samples already consumed, so a mid-epoch resume works with any world size),
+* wrap the model in DDP again after every edit (DDP hooks the parameters that exist when it
+  is built),
+* agree on edit decisions before applying them (``agree``) and on stop / non-finite flags
+  every step (``any``), and sum the epoch's training loss over ranks (``sum``).
+
+See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+logger = logging.getLogger(__name__)
+
+# Modules defining these may leave parameters without a gradient in a step (experts no row
+# was routed to, exits or halting steps not reached): DDP then needs find_unused_parameters.
+_DYNAMIC_HOOKS = ("aux_loss", "task_loss")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def world_size_from_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a distributed run, and in a single process (for "only rank 0 prints")."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Dist:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """The process's own device: ``cuda:LOCAL_RANK`` for CUDA."""
+        if device.type == "cuda":
+            return torch.device("cuda", self.local_rank if device.index is None else device.index)
+        return device
+
+    # -- collectives (every rank must call them, in the same order) -------------------------
+    def _tensor(self, values: Sequence[float]) -> torch.Tensor:
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return torch.tensor(list(values), dtype=torch.float64, device=device)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        t = self._tensor(values)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+        return [float(v) for v in t.tolist()]
+
+    def any(self, flag: bool) -> bool:
+        t = self._tensor([1.0 if flag else 0.0])
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+    def agree(self, what: str, decision: Any) -> None:
+        """Raise ``TrainingError`` unless every rank passes an equal ``decision`` (JSON-able).
+
+        Ranks compare a SHA-256 digest of the decision (one small all-gather); only when
+        digests differ do they gather the decisions themselves, for the message.
+        """
+        from adaptnet.train.trainer import TrainingError
+
+        text = json.dumps(decision, sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).digest()
+        words = self._tensor([float(int.from_bytes(digest[i:i + 6], "little")) for i in range(0, 30, 6)])
+        gathered = [torch.empty_like(words) for _ in range(self.world_size)]
+        torch_dist.all_gather(gathered, words)
+        if all(torch.equal(g, gathered[0]) for g in gathered):
+            return
+        texts: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(texts, text)
+        other = next(r for r in range(self.world_size) if texts[r] != texts[0])
+        raise TrainingError(
+            f"ranks disagree on {what}: rank 0 decided {texts[0]}, rank {other} decided {texts[other]}; "
+            "policies must decide only from values every rank shares (all-reduced losses, the parameter "
+            "count, the probe batch, the (seed, step) generator), never from rank-local state"
+        )
+
+    # -- the model ------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """A fresh DDP wrapper around ``model`` (hooks on the parameters it has now)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        find_unused = needs_find_unused(model)
+        device_ids = [device] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def needs_find_unused(model: nn.Module) -> bool:
+    """True when some module may leave parameters unused in a step (it defines aux/task losses)."""
+    return any(callable(getattr(m, name, None)) for m in model.modules() for name in _DYNAMIC_HOOKS)
+
+
+def from_env(device: torch.device) -> Dist | None:
+    """The process group of a ``torchrun`` launch (initialised here if needed), or None.
+
+    None when ``WORLD_SIZE`` is unset or 1 and no process group is initialised. The backend
+    is nccl when ``device`` is CUDA, gloo otherwise (an existing group is used as it is).
+    """
+    if not torch_dist.is_available():
+        return None
+    if not torch_dist.is_initialized():
+        if world_size_from_env() <= 1:
+            return None
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch_dist.init_process_group(backend=backend)
+        logger.info("initialised process group: %s, rank %d of %d", backend, torch_dist.get_rank(),
+                    torch_dist.get_world_size())
+    if torch_dist.get_world_size() <= 1:
+        return None
+    backend = str(torch_dist.get_backend())
+    return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+
+
+class ShardedSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose epoch may start at global sample ``start``.
+
+    The epoch's order is one permutation of the dataset, seeded from ``(seed, epoch)`` and the
+    same for every world size. The samples still to go, ``perm[start:]``, are padded to a
+    multiple of the world size with the first samples of the permutation (as
+    ``DistributedSampler`` pads) and dealt out round-robin: rank ``r`` gets positions ``r,
+    r + W, ...``. After ``k`` batches of ``B`` on each of ``W`` ranks the samples consumed are
+    exactly ``perm[:k * B * W]``, so ``start = k * B * W`` continues the epoch under any world
+    size; with the same world size it reproduces the interrupted epoch exactly.
+    ``num_replicas=1`` makes it a plain seeded shuffle (a single process continuing a
+    distributed run).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
+        self.start = 0
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return torch.randperm(n, generator=g).tolist()
+        return list(range(n))
+
+    def __iter__(self) -> Iterator[int]:
+        perm = self._order()
+        rest = perm[self.start:]
+        pad = (-len(rest)) % self.num_replicas
+        rest += (perm * math.ceil(pad / max(1, len(perm))))[:pad] if pad else []
+        return iter(rest[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        n = len(self.dataset) - self.start  # type: ignore[arg-type]
+        return math.ceil(max(0, n) / self.num_replicas)
