@@ -34,9 +34,9 @@ class IndexMap:
         return (self.source < 0).nonzero().flatten()
 
     @classmethod
-    def keep(cls, old_size: int, keep: torch.Tensor) -> IndexMap:
-        """Keep the units ``keep`` (in that order) and drop the others."""
-        return cls(keep.to(torch.long))
+    def keep(cls, kept: torch.Tensor) -> IndexMap:
+        """Keep the units ``kept`` (in that order) and drop the others."""
+        return cls(kept.to(torch.long))
 
     @classmethod
     def append(cls, old_size: int, sources: torch.Tensor, scale: torch.Tensor | None = None) -> IndexMap:

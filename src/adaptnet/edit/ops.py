@@ -209,7 +209,7 @@ def prune(
             removed = sorted(torch.argsort(scores, stable=True)[:n_remove].tolist())
         gone = set(removed)  # built once: a set per unit made this quadratic in the width
         kept = torch.tensor([u for u in range(n) if u not in gone], dtype=torch.long)
-        apply_index_map(group, IndexMap.keep(n, kept), {}, optimizer)
+        apply_index_map(group, IndexMap.keep(kept), {}, optimizer)
         return (), tuple(removed)
 
     init = None if units is not None else importance
