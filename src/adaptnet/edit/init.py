@@ -163,8 +163,10 @@ def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: Lo
     ref = consumers[0][1].tensor
     u, s, _ = torch.linalg.svd(gradient_matrix(model, group, batch, loss_fn), full_matrices=False)
     rank = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
-    # Beyond the rank, directions repeat with alternating signs, so that units sharing a
-    # direction receive opposite gradients instead of moving in lockstep.
+    # Beyond the rank there are no new directions: they repeat, with alternating signs. A unit
+    # and its opposite receive opposite gradients (with ReLU they then compute different
+    # functions; with an odd one such as tanh they do not), but units two ranks apart move in
+    # lockstep: gradmax adds at most 2 * rank distinct units (rank <= outgoing size).
     picks = torch.arange(by) % rank
     signs = 1.0 - 2.0 * ((torch.arange(by) // rank) % 2).to(torch.float64)
     directions = u[:, picks].T * signs[:, None]  # (by, d_out), unit-norm rows

@@ -34,6 +34,7 @@ class EditRequest:
     keep: int | None = None
     importance: str | None = None
     width: int | None = None
+    noise: float | None = None
     policy: str = ""
     reason: str = ""
 
@@ -103,7 +104,7 @@ def apply_request(
     if request.op == "widen":
         assert request.by is not None
         return widen(model, request.layer, request.by, init=request.init or "net2net", optimizer=optimizer,
-                     batch=probe, loss_fn=loss_fn, generator=generator)
+                     batch=probe, loss_fn=loss_fn, noise=request.noise or 0.0, generator=generator)
     if request.op == "prune":
         return prune(model, request.layer, amount=request.amount, keep=request.keep,
                      importance=request.importance or "magnitude", optimizer=optimizer, batch=probe, loss_fn=loss_fn)

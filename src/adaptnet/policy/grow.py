@@ -32,13 +32,15 @@ class _Grow:
     name = "grow"
 
     def __init__(self, by: int, where: str | int, init: str, max_params: int | None, max_width: int | None,
-                 max_flops: int | None):
+                 max_flops: int | None, noise: float = 0.1):
         if not isinstance(by, int) or isinstance(by, bool) or by < 1:
             raise ValueError(f"by must be a positive integer, got {by!r}")
         _check_where(where)
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-        self.by, self.where, self.init = by, where, init
+        if not isinstance(noise, (int, float)) or noise < 0:
+            raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+        self.by, self.where, self.init, self.noise = by, where, init, float(noise)
         self.budget = Budget(max_params, max_width, max_flops)
         self.turn = 0  # round-robin position
         self.exhausted = False
@@ -81,7 +83,11 @@ class _Grow:
             scores = self._scores(signals, allowed) if scores is None else scores
             layer = max(scores, key=lambda k: scores[k])
             reason += f"; gradient score {scores[layer]:.3g} (best of {len(scores)} layers)"
-        return [EditRequest("widen", layer, by=allowed[layer], init=self.init, policy=self.name, reason=reason)]
+        # Split copies get symmetry-breaking noise (exact): without it a copy and its source
+        # receive the same gradients and never part.
+        noise = self.noise if self.init in ("net2net", "firefly") else None
+        return [EditRequest("widen", layer, by=allowed[layer], init=self.init, noise=noise, policy=self.name,
+                            reason=reason)]
 
     def _state(self) -> dict[str, Any]:
         return {"turn": self.turn, "exhausted": self.exhausted}
@@ -103,14 +109,16 @@ class GrowOnPlateau(_Grow):
         max_params, max_width, max_flops: budgets that stop growth (``max_flops``: forward
             multiply-accumulates per sample).
         monitor: ``"auto"`` (validation loss if any, else training loss) or a series name.
+        noise: for ``net2net``/``firefly``, the relative symmetry-breaking noise on the split
+            shares (exact; see ``adaptnet.widen``): without it copies never part from their source.
     """
 
     name = "grow_on_plateau"
 
     def __init__(self, patience: int = 3, min_delta: float = 0.0, by: int = 8, where: str | int = "gradient",
                  init: str = "net2net", max_params: int | None = None, max_width: int | None = None,
-                 max_flops: int | None = None, monitor: str = "auto"):
-        super().__init__(by, where, init, max_params, max_width, max_flops)
+                 max_flops: int | None = None, monitor: str = "auto", noise: float = 0.1):
+        super().__init__(by, where, init, max_params, max_width, max_flops, noise)
         self.plateau = Plateau(patience, min_delta)
         self.monitor = monitor
 
@@ -135,8 +143,8 @@ class GrowEvery(_Grow):
 
     def __init__(self, every: int = 5, by: int = 8, where: str | int = "round_robin", init: str = "net2net",
                  max_params: int | None = None, max_width: int | None = None, max_flops: int | None = None,
-                 start: int = 0):
-        super().__init__(by, where, init, max_params, max_width, max_flops)
+                 start: int = 0, noise: float = 0.1):
+        super().__init__(by, where, init, max_params, max_width, max_flops, noise)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(start, int) or start < 0:
