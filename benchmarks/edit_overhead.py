@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import itertools
 import json
 import os
@@ -29,7 +28,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptnet as an
+from _timing import timed
 from adaptnet.nn import ReLU as AdaptnetReLU
 
 try:
@@ -117,18 +116,6 @@ def clone(model: Model, opt: Opt) -> tuple[Model, Opt]:
     held = {id(p) for g in o.param_groups for p in g["params"]}
     assert all(id(p) in held for p in m.parameters()), "deepcopy did not keep the optimizer on the copy"
     return m, o
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds ``fn`` takes (garbage collection off while it runs, as timeit does)."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def summary(ratios: list[float], target: float) -> dict[str, Any]:

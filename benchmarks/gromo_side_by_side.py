@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from _teacher_student import (
     teacher_data,
     write_json,
 )
+from _timing import timed
 from adaptnet.nn import ReLU as AdaptnetReLU
 
 try:
@@ -178,18 +178,6 @@ class Arm:
         if self.name == "gromo":
             return int(self.model.layers[0].out_features)
         return int(self.model.widths[0])
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds ``fn`` takes (garbage collection off while it runs, as timeit does)."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def old_optimizer_check(model: nn.Module, opt: Opt, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
