@@ -68,7 +68,13 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``adaptnet`` command; return its exit status."""
     parser, owners = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE settings may follow options (`adaptnet recipe rl --quick seed=1`); argparse leaves
+    # those to parse_known_args, and a command that takes them says so with `extra_words`.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "extra_words") or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.extra_words = extra
     # The library's loggers report to stderr for the length of the command (and no longer,
     # so that main() can also be called in-process, as the tests do).
     logger = logging.getLogger("adaptnet")
