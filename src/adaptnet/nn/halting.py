@@ -38,11 +38,48 @@ def take(value: Any, rows: torch.Tensor) -> Any:
     return value
 
 
-def _scatter(out: torch.Tensor | None, rows: torch.Tensor, values: torch.Tensor, batch: int) -> torch.Tensor:
-    """``out`` with ``out[rows] = values`` (out of place, so autograd follows it)."""
-    if out is None:
-        out = values.new_zeros((batch, *values.shape[1:]))
-    return out.index_copy(0, rows, values)
+class _Halted:
+    """What the rows that halted leave behind, collected step by step and put back in batch order
+    once at the end (one copy per tensor, not one full-batch write per step)."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []  # original batch indices of the rows that halted, per step
+        self.values: list[tuple[Any, ...]] = []  # their outputs (and states, costs), per step
+        self.counts: list[int] = []
+        self.steps: list[int] = []
+
+    def add(self, rows: torch.Tensor, count: int, step: int, *values: Any) -> None:
+        self.rows.append(rows)
+        self.values.append(values)
+        self.counts.append(count)
+        self.steps.append(step)
+
+    def assemble(self, batch: int) -> tuple[torch.Tensor, list[Any]]:
+        """``(B,)`` steps per sample, and each collected value in batch order."""
+        rows = self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)
+        order = None  # one piece: every row halted at the same step, before any compaction, in batch order
+        if len(self.rows) > 1:  # order[i]: where row i's values are in the concatenation
+            order = torch.empty_like(rows).index_copy_(0, rows, torch.arange(batch, device=rows.device))
+        steps = torch.repeat_interleave(torch.tensor(self.steps, device=rows.device),
+                                        torch.tensor(self.counts, device=rows.device))
+        values = [_reorder([v[i] for v in self.values], order) for i in range(len(self.values[0]))]
+        return steps if order is None else steps.index_select(0, order), values
+
+
+def _reorder(parts: list[Any], order: torch.Tensor | None) -> Any:
+    """Concatenate per-step pieces (tensors, tuples of tensors or None) and put rows in batch order."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return joined if order is None else joined.index_select(0, order)
+    return type(parts[0])(_reorder([p[i] for p in parts], order) for i in range(len(parts[0])))
+
+
+def _split(done: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the ``count`` halted rows and of the rest, each in increasing order."""
+    order = torch.argsort(done.to(torch.uint8), descending=True, stable=True)  # halted first
+    return order[:count], order[count:]
 
 
 def _halting(halt_logit: torch.Tensor) -> torch.Tensor:
@@ -134,33 +171,34 @@ class PonderNet(_Halting):
 
     def _halted(self, x: torch.Tensor, h: State, kwargs: dict[str, Any]) -> torch.Tensor:
         batch = x.shape[0]
-        rows = torch.arange(batch, device=x.device)
+        rows = torch.arange(batch, device=x.device)  # original indices of the active rows
         survive = x.new_ones(batch)
-        out, steps = None, torch.zeros(batch, dtype=torch.long, device=x.device)
-        finals: list[tuple[torch.Tensor, State]] = []
+        halted = _Halted()
         for n in range(self.max_steps):
             h, y, halt = self.step(x, h, **kwargs)
             lam = _halting(halt)
+            active = lam.shape[0]
             if n == self.max_steps - 1:
-                done = torch.ones_like(lam, dtype=torch.bool)
-            elif self.mode == "deterministic":
-                survive = survive * (1 - lam)
-                done = survive <= 0.5  # cumulative halting probability has reached 0.5
+                done, count = None, active
             else:
-                done = torch.rand_like(lam) < lam
-            if done.any():
-                idx = done.nonzero().flatten()
-                out = _scatter(out, rows[idx], y[idx], batch)
-                steps[rows[idx]] = n + 1
-                finals.append((rows[idx], take(h, idx)))
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
+                if self.mode == "deterministic":
+                    survive = survive * (1 - lam)
+                    done = survive <= 0.5  # cumulative halting probability has reached 0.5
+                else:
+                    done = torch.rand_like(lam) < lam
+                count = int(done.sum())  # the one host sync of a step
+            if count == 0:
+                continue  # nobody halted: the batch stays as it is
+            if count == active:  # everybody left: no indexing at all
+                halted.add(rows, count, n + 1, y, h)
                 break
+            assert done is not None
+            idx, keep = _split(done, count)
+            halted.add(rows[idx], count, n + 1, y[idx], take(h, idx))
             rows, x, h, survive = rows[keep], x[keep], take(h, keep), survive[keep]
             kwargs = take(kwargs, keep)
-        self._stash, self.last_steps = None, steps
-        self.final_state = _gather_states(finals, batch)
-        assert out is not None
+        steps, (out, final) = halted.assemble(batch)
+        self._stash, self.last_steps, self.final_state = None, steps, final
         return out
 
     def clear_loss_state(self) -> None:
@@ -218,38 +256,38 @@ class ACT(_Halting):
 
     def forward(self, x: torch.Tensor, h: State = None, **kwargs: Any) -> torch.Tensor:
         batch = x.shape[0]
-        rows = torch.arange(batch, device=x.device)
+        rows = torch.arange(batch, device=x.device)  # original indices of the active rows
         total = x.new_zeros(batch)  # sum of halting probabilities so far, (B,) of the active rows
         acc_y: torch.Tensor | None = None  # running weighted outputs of the active rows
         acc_h: State = None
-        out, ponder = None, x.new_zeros(batch)
-        steps = torch.zeros(batch, dtype=torch.long, device=x.device)
-        finals: list[tuple[torch.Tensor, State]] = []
+        halted = _Halted()
         for n in range(self.max_steps):
             h, y, halt = self.step(x, h, **kwargs)
             p = _halting(halt)
-            last = n == self.max_steps - 1
-            done = (total + p >= 1 - self.eps) | torch.full_like(p, last, dtype=torch.bool)
-            weight = torch.where(done, 1 - total, p)  # the remainder R on the halting step
+            active = p.shape[0]
+            if n == self.max_steps - 1:
+                done, count = torch.ones_like(p, dtype=torch.bool), active
+            else:
+                done = total + p >= 1 - self.eps
+                count = int(done.sum())  # the one host sync of a step
+            weight = p if count == 0 else torch.where(done, 1 - total, p)  # the remainder R on the halting step
             acc_y = _add(acc_y, y, weight)
             acc_h = _add_state(acc_h, h, weight)
-            total = total + weight
-            if done.any():
-                idx = done.nonzero().flatten()
-                out = _scatter(out, rows[idx], acc_y[idx], batch)
-                # ponder cost N + R: N is a count (no gradient), R carries the gradient
-                ponder = _scatter(ponder, rows[idx], (n + 1) + weight[idx], batch)
-                steps[rows[idx]] = n + 1
-                finals.append((rows[idx], take(acc_h, idx)))
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
+            if count == 0:
+                total = total + weight
+                continue
+            # ponder cost N + R: N is a count (no gradient), R carries the gradient
+            if count == active:
+                halted.add(rows, count, n + 1, acc_y, acc_h, (n + 1) + weight)
                 break
+            total = total + weight
+            idx, keep = _split(done, count)
+            halted.add(rows[idx], count, n + 1, acc_y[idx], take(acc_h, idx), (n + 1) + weight[idx])
             rows, x, h, total = rows[keep], x[keep], take(h, keep), total[keep]
             acc_y, acc_h, kwargs = acc_y[keep], take(acc_h, keep), take(kwargs, keep)
+        steps, (out, final, ponder) = halted.assemble(batch)
         self._ponder = ponder if self.training else None
-        self.last_steps = steps
-        self.final_state = _gather_states(finals, batch)
-        assert out is not None
+        self.last_steps, self.final_state = steps, final
         return out
 
     def clear_loss_state(self) -> None:
@@ -327,18 +365,3 @@ def _expected(values: list[Any], p: torch.Tensor) -> Any:
     for n, value in enumerate(values):
         acc = _add_state(acc, value, p[:, n])
     return acc
-
-
-def _gather_states(finals: list[tuple[torch.Tensor, State]], batch: int) -> State:
-    """Reassemble per-sample final states (collected as samples halted) in batch order."""
-    if not finals or finals[0][1] is None:
-        return None
-    rows = torch.cat([r for r, _ in finals])
-    order = torch.argsort(rows)
-
-    def cat(parts: list[Any]) -> Any:
-        if isinstance(parts[0], torch.Tensor):
-            return torch.cat(parts).index_select(0, order)
-        return type(parts[0])(cat([p[i] for p in parts]) for i in range(len(parts[0])))
-
-    return cat([s for _, s in finals])
