@@ -15,8 +15,7 @@ pytest.importorskip("gymnasium")
 
 import adaptnet as an
 from adaptnet.cli.main import main
-from adaptnet.recipes import RecipeError, make_settings, run_recipe
-from adaptnet.recipes import _ppo, rl
+from adaptnet.recipes import RecipeError, _ppo, make_settings, rl, run_recipe
 
 # 4 updates of 4 envs x 32 steps; patience 1 makes every update without a new best a plateau.
 SHORT = {"total_steps": 512, "num_steps": 32, "grow_patience": 1, "eval_episodes": 2}
