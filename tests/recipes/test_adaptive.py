@@ -120,9 +120,12 @@ def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, words, message):
     assert not (tmp_path / "o").exists()  # settings are checked before anything is written
 
 
-def test_settings_defaults_are_valid_and_checked():
+def test_show_and_defaults(capsys):
+    assert main(["recipe", "adaptive", "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "data: regression" in shown and "budget: null" in shown and "# parameters of the final network" in shown
     recipe = get_recipe("adaptive")
     s = make_settings(recipe, {})
-    assert s.data == "regression" and s.prune_at < s.epochs and min(s.start) < min(s.sweep) * 2
+    assert s.start == (4, 4) and s.prune_at == 40 and s.epochs == 60 and s.sweep == (4, 8, 16, 32, 64, 128)
     with pytest.raises(RecipeError, match="prune_amount must be a fraction"):
         make_settings(recipe, {"prune_amount": 1.0})

@@ -236,7 +236,8 @@ def run_adaptive(s: AdaptiveSettings, splits: Splits, run_dir: Path) -> dict[str
                          max_width=s.max_width)
     trainer.policies = [grow]
     print(f"grow: epochs 1-{s.prune_at}, from widths {list(s.start)} ({sum(p.numel() for p in model.parameters())} "
-          f"params), by {s.by} units ({s.init}) after {s.patience} epochs without improvement", flush=True)
+          f"params), by {s.by} units ({s.init}) when validation loss has not improved by {s.min_delta:g} for "
+          f"{s.patience} epoch(s)", flush=True)
     trainer.fit(*loaders(splits, s), epochs=s.prune_at)
     peak_widths, peak = list(model.widths), sum(p.numel() for p in model.parameters())
     start_params = mlp_params(info.in_features, s.start, info.out_features)
@@ -302,7 +303,8 @@ def run(s: AdaptiveSettings, out: Path) -> dict[str, Any]:
         "sweep_train_flops": sweep_flops, "flops_share": adaptive["train_flops"] / sweep_flops,
         "within_budget": adaptive["params"] <= adaptive["budget"], "run_dir": str(out / RUN_DIR), "plot": PLOT,
     }
-    plot(out / PLOT, adaptive, static, read_events(out / RUN_DIR), info.task, s)
+    plot(out / PLOT, adaptive, static, read_events(out / RUN_DIR), info.task, s,
+         f"{info.name}, seed {s.seed}, {s.epochs} epochs")
     print(table(results), flush=True)
     return results
 
@@ -311,17 +313,17 @@ def table(r: dict[str, Any]) -> str:
     """The comparison as text: every static width, the sweep's picks, and the adaptive run."""
     task, a = r["task"], r["adaptive"]
     lines = [f"\n== {r['data']}: test {r['metric']} (chosen on validation; same data, optimizer and epochs) ==",
-             f"  {'network':<30}{'widths':<14}{'params':>8}{'val':>10}{'test':>10}{'train GFLOPs':>14}"]
+             f"  {'network':<34}{'widths':<14}{'params':>8}{'val':>10}{'test':>10}{'train GFLOPs':>14}"]
 
     def line(label: str, x: dict[str, Any]) -> str:
-        return (f"  {label:<30}{x['widths']!s:<14}{x['params']:>8}{metric(x['val'], task):>10.4f}"
+        return (f"  {label:<34}{x['widths']!s:<14}{x['params']:>8}{metric(x['val'], task):>10.4f}"
                 f"{metric(x['test'], task):>10.4f}{x['train_flops'] / 1e9:>14.4f}")
 
     lines += [line("static", x) for x in r["static"]]
     for label, key in (("best static (on validation)", "best_static"),
                        (f"best static within {a['budget']} params", "best_static_within_budget")):
         pick = next((x for x in r["static"] if x["widths"] == r[key]), None)
-        lines.append(line(label, pick) if pick else f"  {label:<30}(none of the sweep fits)")
+        lines.append(line(label, pick) if pick else f"  {label:<34}(none of the sweep fits)")
     lines.append(line(f"adaptive, from {a['start_widths']}", a))
     lines.append(f"  adaptive: grew to {a['peak_widths']} ({a['peak_params']} params), pruned to {a['widths']} "
                  f"({a['params']} <= budget {a['budget']}: {'yes' if r['within_budget'] else 'NO'}), edits "
@@ -332,11 +334,12 @@ def table(r: dict[str, Any]) -> str:
 
 
 def plot(path: Path, adaptive: dict[str, Any], static: list[dict[str, Any]], events: list[dict[str, Any]],
-         task: str, s: AdaptiveSettings) -> None:
+         task: str, s: AdaptiveSettings, title: str) -> None:
     """Left: test metric against parameters (sweep line, adaptive star, budget). Right: validation
     curves of the adaptive run (edits as vertical lines) and of the best static width."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # no display, no global pyplot state
@@ -366,9 +369,13 @@ def plot(path: Path, adaptive: dict[str, Any], static: list[dict[str, Any]], eve
     right.plot([], [], "--", color="tab:orange", label="prune")
     right.set(xlabel="epoch", ylabel="validation " + ("accuracy (%)" if task == "classification" else "MSE"),
               title="validation during training", yscale="linear" if task == "classification" else "log")
+    for axis in (right.yaxis, left.xaxis):  # plain numbers on log axes, not powers of ten
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    fig.suptitle(f"adaptnet recipe adaptive: {title}")
     fig.savefig(path, dpi=80)
 
 
