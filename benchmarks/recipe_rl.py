@@ -12,13 +12,15 @@ Runs (in this order, two at a time, one torch thread each):
   to that point is the one a full run would make; it saves the CPU time after it);
 * Acrobot-v1, seed 0, adaptive and static, ``--acrobot-steps`` steps (final mean return);
 * the growth initialiser: CartPole seed 0 adaptive with ``grow_init=zero`` and ``gradmax`` (the
-  ``net2net`` run is the seed-0 adaptive run above).
+  ``net2net`` run is the seed-0 adaptive run above);
+* CartPole-v1, seeds 0-2, adaptive capped at 32-32 and growing after 20 stale updates (not 10).
 
 Target (issue 6): adaptive reaches 475 in no more steps than static (median over seeds), with a
 smaller final network. Reference: CleanRL ppo.py at its defaults reached 475 at a median of 256k
 steps (206k-271k).
 
-Run: ``python benchmarks/recipe_rl.py`` (``--quick`` for a smoke run, ``--workers N``,
+Run: ``python benchmarks/recipe_rl.py`` (``--quick`` for a smoke run, ``--workers N``, ``--only TEXT``
+and ``--merge FILE`` to run some runs apart and add them,
 ``--plot-only`` to redraw the figure from the JSON). Writes ``benchmarks/results/recipe_rl.json``
 after every finished run, and ``docs/recipes/img/rl_cartpole.png``.
 """
@@ -54,6 +56,9 @@ def jobs(acrobot_steps: int, quick: bool) -> list[tuple[str, dict[str, Any]]]:
     out += [("acrobot-adaptive-s0", {**acro, "arch": "adaptive"}), ("acrobot-static-s0", {**acro, "arch": "static"})]
     out += [(f"cartpole-adaptive-{init}-s0", {**cart, "seed": 0, "arch": "adaptive", "grow_init": init})
             for init in ("zero", "gradmax")]
+    # A capped, more patient variant: growth stops at 32-32 (a quarter of the static parameters).
+    out += [(f"cartpole-adaptive-cap32-s{seed}", {**cart, "seed": seed, "arch": "adaptive", "max_width": 32,
+                                                  "grow_patience": 20}) for seed in (0, 1, 2)]
     if quick:  # a smoke run of the harness: 4 updates each
         out = [(name, {**s, "total_steps": 2048, "eval_episodes": 2}) for name, s in out[:2]]
     return out
@@ -74,17 +79,24 @@ def one(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     return {"name": name, **result}
 
 
+def arm(r: dict[str, Any]) -> str:
+    """``env arch init [max_width/patience]``: the runs that differ only in their seed."""
+    s = r["settings"]
+    if r["arch"] == "static":
+        return f"{r['env']} static {'-'.join(map(str, s['static_hidden']))}"
+    return f"{r['env']} adaptive {s['grow_init']} max{s['max_width']} p{s['grow_patience']}"
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median steps to the threshold and final size per (env, arch, init)."""
+    """Median steps to the threshold and final size per arm."""
     arms: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        init = r["settings"]["grow_init"] if r["arch"] == "adaptive" else "-"
-        arms.setdefault(f"{r['env']} {r['arch']} {init}", []).append(r)
+        arms.setdefault(arm(r), []).append(r)
     table = {}
-    for arm, rs in sorted(arms.items()):
+    for key, rs in sorted(arms.items()):
         # A run that never reached the threshold counts as total_steps + 1 (above every run that did).
         steps = [r["steps_to_threshold"] or r["settings"]["total_steps"] + 1 for r in rs]
-        table[arm] = {
+        table[key] = {
             "seeds": [r["settings"]["seed"] for r in rs],
             "steps_to_threshold": [r["steps_to_threshold"] for r in rs],
             "median_steps_to_threshold": statistics.median(steps),
@@ -101,15 +113,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_table(table: dict[str, Any]) -> None:
-    print(f"\n{'arm':<32}{'seeds':<9}{'steps to threshold':<28}{'median':>8}  {'final mean':<22}{'params':<20}"
+    print(f"\n{'arm':<42}{'seeds':<9}{'steps to threshold':<28}{'median':>8}  {'final mean':<22}{'params':<20}"
           f"{'widths':<26}{'steps/s':<18}")
-    for arm, t in table.items():
+    for key, t in table.items():
         reach = ", ".join("-" if s is None else f"{s // 1000}k" for s in t["steps_to_threshold"])
         final = ", ".join(f"{v:.1f}" for v in t["final_mean_return"])
         widths = ", ".join("-".join(map(str, w)) for w in t["actor_widths"])
         sps = ", ".join(f"{v:.0f}" for v in t["env_steps_per_s"])
         seeds = ",".join(map(str, t["seeds"]))
-        print(f"{arm:<32}{seeds:<9}{reach:<28}{t['median_steps_to_threshold'] // 1000:>7}k  {final:<22}"
+        print(f"{key:<42}{seeds:<9}{reach:<28}{t['median_steps_to_threshold'] // 1000:>7}k  {final:<22}"
               f"{', '.join(map(str, t['params'])):<20}{widths:<26}{sps:<18}")
 
 
@@ -122,8 +134,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colors = {"adaptive": "tab:blue", "static": "tab:orange"}
     for ax, env in zip(axes, ("CartPole-v1", "Acrobot-v1"), strict=True):
-        chosen = [r for r in runs if r["env"] == env and (r["arch"] == "static" or r["settings"]["grow_init"] ==
-                                                           "net2net")]
+        chosen = [r for r in runs if r["env"] == env and (r["arch"] == "static" or r["name"].endswith(
+            ("adaptive-s0", "adaptive-s1", "adaptive-s2")))]
         for r in chosen:
             steps, means = zip(*r["history"], strict=True)
             label = f"{r['arch']} ({'-'.join(map(str, r['actor_widths']))} at the end)"
@@ -149,13 +161,27 @@ def main() -> None:
     parser.add_argument("--acrobot-steps", type=int, default=200_000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's JSON")
+    parser.add_argument("--only", default="", help="run only the runs whose name contains this")
+    parser.add_argument("--merge", type=Path, help="add the runs of this JSON (an --only run's --out) to --out's")
     args = parser.parse_args()
+    if args.merge:
+        payload = json.loads(args.out.read_text())
+        names = [name for name, _ in jobs(args.acrobot_steps, False)]
+        added = json.loads(args.merge.read_text())["runs"]
+        runs = [r for r in payload["runs"] if r["name"] not in {a["name"] for a in added}] + added
+        runs.sort(key=lambda r: names.index(r["name"]))
+        payload["meta"]["finished_runs"], payload["meta"]["planned_runs"] = len(runs), len(names)
+        payload.update(summary=summarise(runs), runs=runs)
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        args.plot_only = True
     if args.plot_only:
-        plot(json.loads(args.out.read_text())["runs"], FIGURE)
+        runs = json.loads(args.out.read_text())["runs"]
+        print_table(summarise(runs))
+        plot(runs, FIGURE)
         return
     torch.set_num_threads(1)
     RUNS.mkdir(parents=True, exist_ok=True)
-    todo = jobs(args.acrobot_steps, args.quick)
+    todo = [(name, s) for name, s in jobs(args.acrobot_steps, args.quick) if args.only in name]
     meta = {"command": "python benchmarks/recipe_rl.py", "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "workers": args.workers,
             "threads_per_run": 1,

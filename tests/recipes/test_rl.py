@@ -55,7 +55,7 @@ def test_growth_preserves_the_policy_and_carries_adam(init):
     agent = _ppo.Agent(*_ppo.sizes(envs), hidden=(4, 4))
     opt = torch.optim.Adam(agent.parameters(), lr=s.lr, eps=1e-5)
     params = list(agent.parameters())
-    collector = _ppo.Collector(envs, 0, lambda ret, length: None)
+    collector = _ppo.Collector(envs, 0, lambda step, ret: None)
     ro = collector.rollout(agent, s.num_steps)
     collector.advantages(agent, ro, s.gamma, s.gae_lambda)
     _ppo.update(agent, opt, ro, _ppo.PPOConfig(num_envs=4, num_steps=16), torch.Generator().manual_seed(0))

@@ -122,12 +122,13 @@ class Collector:
     """Steps the environments with the current agent; keeps the observation between rollouts."""
 
     def __init__(self, envs: gym.vector.VectorEnv, seed: int,
-                 on_episode: Callable[[float, int], None]):
+                 on_episode: Callable[[int, float], None]):
         self.envs = envs
         obs, _ = envs.reset(seed=seed)
         self.obs = torch.as_tensor(obs, dtype=torch.float32)  # (N, obs)
         self.done = torch.zeros(envs.num_envs)
-        self.on_episode = on_episode  # called with (return, length) for each finished episode
+        self.steps = 0  # environment steps so far, all environments together
+        self.on_episode = on_episode  # called with (env step, return) for each finished episode
 
     @torch.no_grad()
     def rollout(self, agent: Agent, num_steps: int) -> Rollout:
@@ -142,9 +143,10 @@ class Collector:
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
             self.done = torch.as_tensor(np.logical_or(terminated, truncated), dtype=torch.float32)
+            self.steps += n
             if "_episode" in info:
                 for i in np.flatnonzero(info["_episode"]):
-                    self.on_episode(float(info["episode"]["r"][i]), int(info["episode"]["l"][i]))
+                    self.on_episode(self.steps, float(info["episode"]["r"][i]))
         return Rollout(obs, actions, logprobs, rewards, dones, values)
 
     @torch.no_grad()

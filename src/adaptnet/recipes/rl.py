@@ -200,8 +200,8 @@ def train(s: RLSettings, out: Path) -> dict[str, Any]:
     recent: deque[float] = deque(maxlen=WINDOW)
     step = 0
 
-    def on_episode(ret: float, length: int) -> None:
-        episodes.append((step, ret))
+    def on_episode(at: int, ret: float) -> None:
+        episodes.append((at, ret))
         recent.append(ret)
 
     collector = _ppo.Collector(envs, s.seed, on_episode)
