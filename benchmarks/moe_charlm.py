@@ -29,6 +29,7 @@ Run: ``python benchmarks/moe_charlm.py`` (``--quick`` for a smoke run; ``--steps
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -47,8 +48,8 @@ from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.moe import MoE
 
 DEFAULT_OUT = RESULTS / "moe_charlm.json"
-FULL = {"chars": 1_200_000, "steps": 1200, "batch": 32, "context": 64, "dim": 128, "hidden": 256, "layers": 2,
-        "heads": 4, "experts": 8, "lr": 3e-3, "warmup": 60, "eval_batches": 40, "aux_loss_coef": 1e-2}
+FULL = {"chars": 1_200_000, "steps": 500, "batch": 32, "context": 64, "dim": 128, "hidden": 256, "layers": 2,
+        "heads": 4, "experts": 8, "lr": 3e-3, "warmup": 50, "eval_batches": None, "aux_loss_coef": 1e-2}
 QUICK = {**FULL, "chars": 200_000, "steps": 60, "eval_batches": 4, "warmup": 10}
 CAPACITY_FACTOR = 1.25
 
@@ -143,10 +144,17 @@ def routing(model: CharLM) -> list[dict[str, int | list[int]]]:
 
 
 def evaluate(model: CharLM, val: torch.Tensor, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Bits per char over ``eval_batches`` fixed batches of consecutive windows, and the routing there."""
+    """Bits per char over the validation text cut into windows of ``context`` bytes, and the routing there.
+
+    The windows are shuffled (a fixed permutation) into batches of ``batch``, as in training: the
+    capacity limit applies per forward pass, and a batch of neighbouring windows from one file
+    would load the experts unlike any training batch."""
     model.eval()
     t, b = cfg["context"], cfg["batch"]
-    starts = torch.arange(0, val.numel() - t - 1, t)[: b * cfg["eval_batches"]]
+    starts = torch.arange(0, val.numel() - t - 1, t)
+    starts = starts[torch.randperm(starts.numel(), generator=torch.Generator().manual_seed(0))]
+    if cfg["eval_batches"] is not None:
+        starts = starts[: b * cfg["eval_batches"]]
     total, count = 0.0, 0
     routed = [[0] * cfg["experts"] for _ in model.moes()]
     dropped, assignments = 0, 0
@@ -207,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 200k chars, 60 steps")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="train nothing: tabulate the runs of these JSON files (seeds run as separate processes)")
     parser.add_argument("--chars", type=int, default=None)
     parser.add_argument("--aux-loss-coef", type=float, default=None, help="MoE load-balancing weight (default 1e-2)")
     parser.add_argument("--arms", choices=["both", "moe", "dense"], default="both")
@@ -225,12 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     text, files = stdlib_text(cfg["chars"])
     cut = int(0.9 * text.numel())
     arms = ("dense", "moe") if args.arms == "both" else (args.arms,)
-    runs = [train(arm, seed, text[:cut], text[cut:], cfg) for seed in range(args.seeds) for arm in arms]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.merge:
+        merged = [json.loads(path.read_text()) for path in args.merge]
+        cfg = {k: v for k, v in merged[0]["config"].items() if k in cfg}
+        runs = [r for m in merged for r in m["runs"]]
+        seeds = sorted({r["seed"] for r in runs})  # type: ignore[assignment]
+        load_at_start = [m["load_avg_at_start"] for m in merged]  # type: ignore[misc]
+    else:
+        runs = [train(arm, seed, text[:cut], text[cut:], cfg) for seed in seeds for arm in arms]
     results: dict[str, Any] = {
         "benchmark": "moe_charlm",
         "command": " ".join(["python", "benchmarks/moe_charlm.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(args.threads), "load_avg_at_start": load_at_start,
-        "config": {**cfg, "capacity_factor": CAPACITY_FACTOR, "top_k": 1, "seeds": args.seeds,
+        "config": {**cfg, "capacity_factor": CAPACITY_FACTOR, "top_k": 1, "seeds": list(seeds),
                    "files": f"{len(files)} files, {files[0]} .. {files[-1]}", "train_bytes": cut,
                    "val_bytes": text.numel() - cut},
         "runs": runs,
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
     print("\n".join(render(table)))
     means = ", ".join(f"{arm} {results['summary'][arm]['val_bits_per_char_mean']:.4f}" for arm in arms)
-    print(f"\nval bits/char, mean over {args.seeds} seed(s): {means}; {results['seconds']} s")
+    print(f"\nval bits/char, mean over {len(seeds)} seed(s): {means}; {results['seconds']} s")
     write_json(results, args.out)
     print(f"wrote {args.out}")
     return 0
