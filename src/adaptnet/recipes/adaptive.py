@@ -5,8 +5,8 @@ as good as the best of a sweep over static widths, of a size I can afford, for l
 
 1. **Grow** (epochs ``1..prune_at``): an ``AdaptiveMLP`` with ``start`` hidden widths, trained with
    ``GrowOnPlateau`` (widen by ``by`` units, at the layer the gradient favours, when the
-   validation loss has not improved by ``min_delta`` for ``patience`` epochs; at most ``max_width``
-   units per layer).
+   ``monitor``-ed loss has not improved by ``min_delta`` for ``patience`` epochs; at most
+   ``max_width`` units per layer).
 2. **Prune, then fine-tune** (epochs ``prune_at+1..epochs``): ``PruneToBudget`` removes the least
    important units of the widest layer after every epoch until the network has at most
    ``budget`` parameters; the epochs after the last prune fine-tune it. Both phases run in one
@@ -63,6 +63,8 @@ class AdaptiveSettings:
     start: tuple[int, ...] = field(default=(4, 4), metadata={"help": "hidden widths the adaptive run starts from"})
     patience: int = field(default=2, metadata={"help": "grow after this many epochs without improvement"})
     min_delta: float = field(default=0.02, metadata={"help": "validation-loss decrease that counts as one"})
+    monitor: Literal["val_loss", "train_loss"] = field(default="val_loss", metadata={
+        "help": "the loss whose plateau triggers growth"})
     by: int = field(default=8, metadata={"help": "units added per growth"})
     init: str = field(default="gradmax", metadata={"help": f"new units' init: {', '.join(INITS)}"})
     max_width: int = field(default=128, metadata={"help": "growth stops at this many units per layer"})
@@ -233,10 +235,10 @@ def run_adaptive(s: AdaptiveSettings, splits: Splits, run_dir: Path) -> dict[str
     trainer, meter = _trainer(model, splits, s, callbacks=[Progress(every=10)], run_dir=run_dir,
                               checkpoint_every=10, config=config)
     grow = GrowOnPlateau(patience=s.patience, min_delta=s.min_delta, by=s.by, where="gradient", init=s.init,
-                         max_width=s.max_width)
+                         max_width=s.max_width, monitor=s.monitor)
     trainer.policies = [grow]
     print(f"grow: epochs 1-{s.prune_at}, from widths {list(s.start)} ({sum(p.numel() for p in model.parameters())} "
-          f"params), by {s.by} units ({s.init}) when validation loss has not improved by {s.min_delta:g} for "
+          f"params), by {s.by} units ({s.init}) when {s.monitor} has not improved by {s.min_delta:g} for "
           f"{s.patience} epoch(s)", flush=True)
     trainer.fit(*loaders(splits, s), epochs=s.prune_at)
     peak_widths, peak = list(model.widths), sum(p.numel() for p in model.parameters())
