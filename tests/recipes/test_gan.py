@@ -82,7 +82,7 @@ def _adam_with_state(model):
 
 def test_fade_in_at_alpha_zero_equals_the_output_before_growth():
     torch.manual_seed(1)
-    g, d = ProGenerator(16, 8), ProDiscriminator(16, 8)
+    g, d = ProGenerator(16, 12), ProDiscriminator(16, 12)
     opt_g, opt_d = _adam_with_state(g), _adam_with_state(d)
     z, x8 = torch.randn(32, 16), torch.rand(32, 1, 8, 8) * 2 - 1
     with torch.no_grad():
