@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from _teacher_student import RESULTS, machine_info, render, write_json
 from _timing import timed
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
 from parity import DEFAULTS as PARITY_DEFAULTS
-from parity import ELEMENTS, fit, parity_data
+from parity import ELEMENTS, SPLITS, fit, parity_data
 
 DEFAULT_OUT = RESULTS / "halting_throughput.json"
 Arm = Callable[[torch.Tensor], Any]
@@ -115,11 +116,25 @@ def gru512(hidden: int, max_steps: int, x: torch.Tensor, fraction: float, halt_s
     return net
 
 
-def trained_parity(seconds: float) -> tuple[PonderNet, dict[str, Any]]:
+def trained_parity(path: Path | None, seconds: float) -> tuple[PonderNet, dict[str, Any]]:
+    """The parity model: loaded from ``path`` (saved by ``parity.py --save-models``), else trained here."""
     config = {**PARITY_DEFAULTS, "budget_s": seconds}
-    row, net = fit("pondernet", "interpolation", 0, config)
-    assert isinstance(net, PonderNet)
-    return net.eval(), {k: row[k] for k in ("test_accuracy", "mean_ponder_steps", "train_seconds", "iters")}
+    net = PonderNet(RecurrentStep(ELEMENTS, config["hidden"], 2, cell="gru"), max_steps=config["max_steps"],
+                    lambda_p=config["lambda_p"], beta=config["beta"])
+    if path is not None:
+        net.load_state_dict(load_file(str(path)))
+        info: dict[str, Any] = {"loaded_from": str(path)}
+    else:
+        row, trained = fit("pondernet", "interpolation", 0, config)
+        net.load_state_dict(trained.state_dict())
+        info = {k: row[k] for k in ("iters", "train_seconds", "train_cpu_seconds")}
+    x, y = parity_data(10_000, SPLITS["interpolation"]["test"], torch.Generator().manual_seed(20_000))
+    net.eval()
+    with torch.inference_mode():
+        info["test_accuracy"] = float((net(x).argmax(dim=1) == y).float().mean())
+    assert net.last_steps is not None
+    info["mean_ponder_steps"] = float(net.last_steps.float().mean())
+    return net, info
 
 
 def peers(net: PonderNet) -> dict[str, nn.Module]:
@@ -151,32 +166,40 @@ def peers(net: PonderNet) -> dict[str, nn.Module]:
     return found
 
 
-def arms(net: PonderNet) -> tuple[dict[str, Arm], dict[str, Callable[[torch.Tensor], float]]]:
-    """Callables to time, and for each how many steps per sample it took on a batch (mean)."""
+StepsOf = Callable[[torch.Tensor], tuple[float | None, int]]
+
+
+def arms(net: PonderNet) -> tuple[dict[str, Arm], dict[str, StepsOf]]:
+    """Callables to time, and for each a function giving (mean steps per sample or None where the
+    arm does not say, steps its loop ran) on a batch."""
     sampled = PonderNet(net.step, net.max_steps, net.lambda_p, net.beta, mode="sampled").eval()
     timed_arms: dict[str, Arm] = {"adaptnet": net, "masked": lambda x: masked_loop(net, x), "adaptnet-sampl": sampled}
-    mean_steps: dict[str, Callable[[torch.Tensor], float]] = {
-        "adaptnet": lambda x: _steps(net, x), "masked": lambda x: float(masked_loop(net, x)[1].max()),
-        "adaptnet-sampl": lambda x: _steps(sampled, x)}
+    steps_of: dict[str, StepsOf] = {"adaptnet": lambda x: _steps(net, x), "masked": lambda x: _summary(
+        masked_loop(net, x)[1]), "adaptnet-sampl": lambda x: _steps(sampled, x)}
     found = peers(net)
     if "labml" in found:
         labml = found["labml"]
         timed_arms["labml"] = labml
-        mean_steps["labml"] = lambda x: float(labml(x)[0].shape[0])  # steps its loop ran on the whole batch
+        steps_of["labml"] = lambda x: (None, int(labml(x)[0].shape[0]))  # its loop length (plus one GRU call)
     if "pact" in found:
         pact = found["pact"]
         act = ACT(FlagStep(pact._cell, pact._halting_unit[0], net.step.output), max_steps=net.max_steps).eval()
         timed_arms["adaptnet-act"] = act
         timed_arms["pact"] = pact
-        mean_steps["adaptnet-act"] = lambda x: _steps(act, x)
-        mean_steps["pact"] = lambda x: float(pact(x)[2].max())
-    return timed_arms, mean_steps
+        steps_of["adaptnet-act"] = lambda x: _steps(act, x)
+        # it returns steps + 1 for samples that reach its limit: clamp to the steps it ran
+        steps_of["pact"] = lambda x: _summary(pact(x)[2].clamp(max=pact.time_limit - 1))
+    return timed_arms, steps_of
 
 
-def _steps(net: PonderNet | ACT, x: torch.Tensor) -> float:
+def _summary(steps: torch.Tensor) -> tuple[float, int]:
+    return float(steps.float().mean()), int(steps.max())
+
+
+def _steps(net: PonderNet | ACT, x: torch.Tensor) -> tuple[float, int]:
     net(x)
     assert net.last_steps is not None
-    return float(net.last_steps.float().mean())
+    return _summary(net.last_steps)
 
 
 def compare(net: PonderNet, x: torch.Tensor) -> dict[str, Any]:
@@ -186,25 +209,42 @@ def compare(net: PonderNet, x: torch.Tensor) -> dict[str, Any]:
     ref, steps = masked_loop(net, x)
     return {"max_abs_output_diff": float((out - ref).abs().max()),
             "decisions_differ": int((net.last_steps != steps).sum()),
-            "mean_steps": float(steps.float().mean()), "max_steps_in_batch": int(steps.max())}
+            "mean_steps": float(steps.float().mean()), "max_steps_in_batch": int(steps.max()),
+            "steps_histogram": torch.bincount(steps, minlength=net.max_steps + 1)[1:].tolist()}
 
 
 def measure(net: PonderNet, x: torch.Tensor, repeats: int, inner: int) -> dict[str, Any]:
+    """Median wall-clock and CPU time (of this thread) per batch of every arm, interleaved."""
     timed_arms, steps_of = arms(net)
     for fn in timed_arms.values():  # warm-up
         fn(x)
-    seconds: dict[str, list[float]] = {name: [] for name in timed_arms}
+    wall: dict[str, list[float]] = {name: [] for name in timed_arms}
+    cpu: dict[str, list[float]] = {name: [] for name in timed_arms}
     for _ in range(repeats):
         for name, fn in timed_arms.items():
-            seconds[name].append(timed(lambda fn=fn: [fn(x) for _ in range(inner)]) / inner)  # type: ignore[misc]
-    median = {name: statistics.median(v) for name, v in seconds.items()}
+
+            def run(fn: Arm = fn, name: str = name) -> None:
+                start = time.thread_time()  # inside timed(), after its gc.collect()
+                for _ in range(inner):
+                    fn(x)
+                cpu[name].append((time.thread_time() - start) / inner)
+
+            wall[name].append(timed(run) / inner)
+    median = {name: statistics.median(v) for name, v in wall.items()}
+    median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+    steps = {name: fn(x) for name, fn in steps_of.items()}
     return {
         "ms_per_batch": {k: round(1e3 * v, 3) for k, v in median.items()},
+        "cpu_ms_per_batch": {k: round(1e3 * v, 3) for k, v in median_cpu.items()},
         "samples_per_s": {k: round(x.shape[0] / v, 1) for k, v in median.items()},
-        "steps": {k: round(fn(x), 3) for k, fn in steps_of.items()},
+        "mean_steps": {k: None if v[0] is None else round(v[0], 3) for k, v in steps.items()},
+        "loop_steps": {k: v[1] for k, v in steps.items()},
         "speedup_adaptnet_over_masked": median["masked"] / median["adaptnet"],
+        "cpu_speedup_adaptnet_over_masked": median_cpu["masked"] / median_cpu["adaptnet"],
         "speedup_adaptnet_over": {k: round(v / median["adaptnet"], 3) for k, v in median.items()},
-        "all_repeats_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in seconds.items()},
+        "cpu_speedup_adaptnet_over": {k: round(v / median_cpu["adaptnet"], 3) for k, v in median_cpu.items()},
+        "all_repeats_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in wall.items()},
+        "all_repeats_cpu_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in cpu.items()},
     }
 
 
@@ -218,12 +258,16 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", f"== {name}: {r['description']}; batch {results['config']['batch']}, max_steps "
                       f"{r['max_steps']}; median of {results['config']['repeats']} repeats",
                   f"adaptnet vs masked: mean steps {c['mean_steps']:.2f}, slowest sample {c['max_steps_in_batch']}, "
-                  f"decisions differing {c['decisions_differ']}, max |output diff| {c['max_abs_output_diff']:.2e}", ""]
-        rows = [("arm", "ms/batch", "samples/s", "steps (mean/sample, or loop length)", "adaptnet speed-up over it")]
-        for arm, ms in r["timing"]["ms_per_batch"].items():
-            t = r["timing"]
-            rows.append((arm, f"{ms:.2f}", f"{t['samples_per_s'][arm]:.0f}", f"{t['steps'][arm]:.2f}",
-                         f"{t['speedup_adaptnet_over'][arm]:.2f}x"))
+                  f"decisions differing {c['decisions_differ']}, max |output diff| {c['max_abs_output_diff']:.2e}",
+                  f"steps histogram (1..{r['max_steps']}): {c['steps_histogram']}", ""]
+        rows = [("arm", "ms/batch", "CPU ms/batch", "samples/s", "mean steps", "loop steps",
+                 "adaptnet speed-up over it (wall, CPU)")]
+        t = r["timing"]
+        for arm, ms in t["ms_per_batch"].items():
+            mean = t["mean_steps"][arm]
+            rows.append((arm, f"{ms:.2f}", f"{t['cpu_ms_per_batch'][arm]:.2f}", f"{t['samples_per_s'][arm]:.0f}",
+                         "-" if mean is None else f"{mean:.2f}", str(t["loop_steps"][arm]),
+                         f"{t['speedup_adaptnet_over'][arm]:.2f}x, {t['cpu_speedup_adaptnet_over'][arm]:.2f}x"))
         lines += render(rows)
     return "\n".join(lines)
 
@@ -236,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.4, help="gru512 mean steps / max_steps (default 0.4)")
     parser.add_argument("--parity-seconds", type=float, default=600.0,
                         help="training budget of the parity model (default 600; 30 with --quick)")
+    parser.add_argument("--parity-model", type=Path, default=None, metavar="FILE",
+                        help="trained parity weights (parity.py --save-models writes pondernet_interpolation_0"
+                             ".safetensors); trained here when left out")
     parser.add_argument("--quick", action="store_true", help="smoke run: hidden 128 instead of 512, 2 repeats")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 9)
@@ -253,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                                            f"{halt_scale}, bias {float(big.step.halt.bias):.3f}",
                             "max_steps": big.max_steps, "check": compare(big, x),
                             "timing": measure(big, x, repeats, 1 if not args.quick else 2)}
-    small, trained = trained_parity(30.0 if args.quick else args.parity_seconds)
+    small, trained = trained_parity(args.parity_model, 30.0 if args.quick else args.parity_seconds)
     with torch.inference_mode():
         models["parity"] = {"description": f"RecurrentStep(16, {small.step.sizes[1]}, 2, 'gru') trained on parity "
                                            f"(test accuracy {trained['test_accuracy']:.4f})",

@@ -18,12 +18,14 @@ minimises the expected cross-entropy over the halting distribution plus ``beta *
 truncated geometric(lambda_p) prior (``adaptive_loss``), with Adam. Every ``eval_every`` steps
 the validation set is scored in eval mode (deterministic halting at the median); training stops
 when validation accuracy reaches ``stop_at``, or after ``max_iters`` steps or ``budget_s``
-seconds. The test set is then scored once. ACT (``adaptnet.ACT``, ponder cost tau) runs in the
+CPU seconds of the training process (on a shared, loaded machine wall-clock would measure the
+other jobs; both are recorded). The test set is then scored once. ACT (``adaptnet.ACT``, ponder cost tau) runs in the
 same harness with the same step module, data and budget.
 
 A seed succeeds when its test accuracy reaches the split's target (99% interpolation, 95%
 extrapolation). Each training process uses one intra-op thread (``torch.set_num_threads(1)``);
-seeds run in ``--workers`` processes (default 2, one per core).
+seeds run in ``--workers`` processes (default 2, one per core), seed-major, and the JSON is
+rewritten after every finished run.
 
 Run: ``python benchmarks/parity.py`` (``--seeds``, ``--workers``, ``--split``, ``--model``,
 ``--quick`` for a smoke run, ``--out`` for the JSON path; hyper-parameters as ``--set key=value``).
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from _teacher_student import RESULTS, machine_info, render, write_json
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
@@ -52,7 +55,7 @@ ELEMENTS = 16
 SPLITS = {"interpolation": {"train": (1, 16), "test": (1, 16), "target": 0.99},
           "extrapolation": {"train": (1, 8), "test": (9, 16), "target": 0.95}}
 DEFAULTS: dict[str, Any] = {
-    "hidden": 128, "batch": 128, "lr": 1e-3, "max_steps": 20, "lambda_p": 0.2, "beta": 0.01, "tau": 0.01,
+    "hidden": 64, "batch": 128, "lr": 3e-3, "max_steps": 20, "lambda_p": 0.2, "beta": 0.01, "tau": 0.01,
     "max_iters": 20000, "budget_s": 600.0, "eval_every": 250, "stop_at": 0.998, "val_rows": 4000,
     "test_rows": 10000, "grad_clip": 1.0, "verbose": 0,
 }
@@ -86,8 +89,14 @@ def evaluate(net: PonderNet | ACT, x: torch.Tensor, y: torch.Tensor) -> tuple[fl
 
 
 def train_one(job: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
-    """Train one seed of one model on one split; the result row of the JSON."""
-    return fit(*job)[0]
+    """Train one seed of one model on one split; the result row of the JSON. With ``save_dir`` in
+    the config, the trained weights go to ``{save_dir}/{model}_{split}_{seed}.safetensors``."""
+    row, net = fit(*job)
+    if job[3].get("save_dir"):
+        path = Path(job[3]["save_dir"]) / f"{job[0]}_{job[1]}_{job[2]}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return row
 
 
 def fit(model: str, split: str, seed: int, config: dict[str, Any]) -> tuple[dict[str, Any], PonderNet | ACT]:
@@ -189,38 +198,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["pondernet", "act", "all"], default="all")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
     parser.add_argument("--quick", action="store_true", help="smoke run: hidden 32, 300 steps, 2 seeds")
+    parser.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                        help="save every trained model as DIR/{model}_{split}_{seed}.safetensors")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.workers < 1:
         parser.error("--seeds and --workers must be positive integers")
-    config = {**DEFAULTS, **(QUICK if args.quick else {}), **parse_set(args.set)}
+    config = {**DEFAULTS, **(QUICK if args.quick else {}), **parse_set(args.set),
+              "save_dir": None if args.save_models is None else str(args.save_models)}
     seeds = min(args.seeds, 2) if args.quick else args.seeds
     models = ["pondernet", "act"] if args.model == "all" else [args.model]
     splits = list(SPLITS) if args.split == "all" else [args.split]
-    jobs = [(model, split, seed, config) for model in models for split in splits for seed in range(seeds)]
+    # seed-major: if the run is cut short, every model and split has its first seeds
+    jobs = [(model, split, seed, config) for seed in range(seeds) for model in models for split in splits]
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     started = time.perf_counter()
-    if args.workers == 1:
-        runs = [train_one(job) for job in jobs]
-    else:
-        with get_context("spawn").Pool(args.workers) as pool:
-            runs = pool.map(train_one, jobs, chunksize=1)
-    summary = {f"{m}/{s}": summarise([r for r in runs if r["model"] == m and r["split"] == s])
-               for m in models for s in splits}
-    results: dict[str, Any] = {
+    runs: list[dict[str, Any]] = []
+    with get_context("spawn").Pool(args.workers) as pool:
+        for row in pool.imap_unordered(train_one, jobs, chunksize=1):
+            runs.append(row)
+            print(f"{row['model']}/{row['split']} seed {row['seed']}: test accuracy {row['test_accuracy']:.4f}, "
+                  f"{row['mean_ponder_steps']:.2f} steps, {row['train_cpu_seconds']:.0f} CPU s", flush=True)
+            # written after every run, so that a run cut short still leaves its finished seeds
+            results = _results(args, argv, config, models, splits, runs, len(jobs), load_at_start, started)
+            write_json(results, args.out)
+    print(table(results))
+    print(f"\n{results['seconds']} s; wrote {args.out}")
+    return 0
+
+
+def _results(args: argparse.Namespace, argv: list[str] | None, config: dict[str, Any], models: list[str],
+             splits: list[str], runs: list[dict[str, Any]], jobs: int, load_at_start: list[float],
+             started: float) -> dict[str, Any]:
+    runs = sorted(runs, key=lambda r: (r["model"], r["split"], r["seed"]))
+    summary = {f"{m}/{s}": summarise(rows) for m in models for s in splits
+               if (rows := [r for r in runs if r["model"] == m and r["split"] == s])}
+    return {
         "benchmark": "parity",
         "command": " ".join(["python", "benchmarks/parity.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(1), "workers": args.workers, "load_avg_at_start": load_at_start,
-        "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
+        "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "runs_finished": len(runs), "runs_planned": jobs,
         "config": {**config, "elements": ELEMENTS, "splits": SPLITS, "quick": args.quick,
                    "step": f"RecurrentStep({ELEMENTS}, hidden, 2, cell='gru')", "optimizer": "Adam",
-                   "loss": "adaptive_loss(net, F.cross_entropy, ...)"},
-        "summary": summary, "runs": runs,
+                   "loss": "adaptive_loss(net, F.cross_entropy, ...)", "budget": "CPU seconds of the process"},
+        "summary": summary, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
