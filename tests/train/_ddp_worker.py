@@ -4,17 +4,24 @@
 float64 AdaptiveMLP with widen, deepen and prune events and writes ``out/rank{R}.pt`` (the final
 state dict, the step, the epoch) or ``out/rank{R}.error`` (the message of a TrainingError).
 ``build()`` is also used by the test for the single-process reference.
+
+``kill_step`` / ``kill_rank``: that rank SIGKILLs itself after that optimizer step;
+``kill_save_step``: rank 0 SIGKILLs itself inside the checkpoint save of that step, after the
+weights were written to the temporary folder. Either only in the first attempt of the group
+(``TORCHELASTIC_RESTART_COUNT`` 0), so that torchrun's restart finds a group that goes through.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -62,6 +69,41 @@ class StopAt(Callback):
             trainer.request_stop()
 
 
+class KillAt(Callback):
+    """SIGKILL this process after optimizer step ``step`` (no handler, no cleanup: a crash)."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, marker
+
+    def on_batch_end(self, trainer: Trainer, step: int, loss: torch.Tensor) -> None:
+        if step == self.step:
+            self.marker.write_text(f"killed after step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_inside_save(step: int, marker: Path) -> None:
+    """SIGKILL this process inside the checkpoint save of ``step``, once its weights are on disk."""
+    save_file = safetensors.torch.save_file
+
+    def dying_save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+        save_file(tensors, filename, metadata=metadata)
+        if f"step-{step:08d}" in str(filename):
+            marker.write_text(f"killed while saving {filename}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    safetensors.torch.save_file = dying_save_file
+
+
+class Started(Callback):
+    """The step ``fit`` started from (after a resume)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.step = trainer.step
+
+
 def build(run_dir: str | None, batch_size: int = BATCH, callbacks: list[Callback] | None = None) -> Trainer:
     torch.manual_seed(0)
     model = an.AdaptiveMLP(6, [6, 5], 1).double()
@@ -75,9 +117,15 @@ def build(run_dir: str | None, batch_size: int = BATCH, callbacks: list[Callback
 def main(options: dict[str, Any]) -> None:
     rank = int(os.environ["RANK"])
     out = Path(options["out"])
-    callbacks: list[Callback] = []
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    started = Started()
+    callbacks: list[Callback] = [started]
     if options.get("stop_step") is not None and rank == options.get("stop_rank", 0):
         callbacks.append(StopAt(options["stop_step"]))
+    if restart == 0 and options.get("kill_step") is not None and rank == options.get("kill_rank", 0):
+        callbacks.append(KillAt(options["kill_step"], out / f"killed-rank{rank}"))
+    if restart == 0 and options.get("kill_save_step") is not None and rank == 0:
+        kill_inside_save(options["kill_save_step"], out / "killed-rank0")
     trainer = build(options.get("run_dir"), callbacks=callbacks)
     if options.get("mismatch") and rank == 1:  # this rank's policy decides differently
         trainer.policies[0] = GrowEvery(every=1, by=3, where="round_robin", init="net2net")
@@ -99,14 +147,11 @@ def main(options: dict[str, Any]) -> None:
         (out / f"rank{rank}.error").write_text(str(err))
         return
     torch.save({"state": trainer.model.state_dict(), "step": trainer.step, "epoch": trainer.epoch,
-                "history": trainer.history, "lr": trainer.optimizer.param_groups[0]["lr"]}, out / f"rank{rank}.pt")
-    # No destroy_process_group(): on torch 2.13 + gloo it intermittently hung one rank at exit here.
+                "history": trainer.history, "lr": trainer.optimizer.param_groups[0]["lr"], "restart": restart,
+                "started_at": started.step, "world": trainer.dist.world_size if trainer.dist else 1},
+               out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
+    # An ordinary exit: the Trainer destroys the process group at exit (distributed.shutdown_at_exit).
     main(json.loads(sys.argv[1]))
-    # Leave without running C++ destructors: gloo's threads at interpreter exit sometimes abort
-    # the process ("terminate called without an active exception") after the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -1,7 +1,8 @@
-"""The Trainer under torchrun: 2 gloo processes on 127.0.0.1, edits on every rank, agreement, resume.
+"""The Trainer under torchrun: gloo processes on 127.0.0.1, edits on every rank, agreement, resume.
 
-Each test launches ``python -m torch.distributed.run --nproc_per_node=2 _ddp_worker.py`` (see
-that file: a float64 AdaptiveMLP with widen, deepen and prune events).
+Most tests launch ``python -m torch.distributed.run --nproc_per_node=2 _ddp_worker.py`` (see that
+file: a float64 AdaptiveMLP with widen, deepen and prune events); a rank killed with SIGKILL is
+restarted by torchrun's agent. ``_ddp_worker_modules.py`` trains early exits, halting and MoE.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaptnet.train import _rng
+from adaptnet.train.checkpoint import CheckpointManager, load
 from adaptnet.train.distributed import ShardedSampler
 from adaptnet.train.rundir import read_events, read_metrics
 
@@ -58,18 +60,29 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> tuple[str
     return stdout, stderr, proc.returncode
 
 
-def _torchrun(out: Path, **options: Any) -> dict[int, Any]:
-    """Run the worker on 2 ranks; {rank: saved result dict, or the TrainingError message}."""
-    out.mkdir(parents=True, exist_ok=True)
+def _launch(script: Path, args: list[str], nproc: int = 2, launcher: tuple[str, ...] = (),
+            expect_ok: bool = True) -> tuple[str, str]:
+    """``torchrun --nproc_per_node=nproc [launcher options] script args``; its stdout and stderr."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER),
-           json.dumps({"out": str(out), **options})]
-    stdout, stderr, returncode = _run(cmd, env)
-    assert returncode == 0, stdout[-3000:] + stderr[-6000:]
+    # --standalone: a c10d rendezvous on a free local port instead of the static one on master_port.
+    where = [] if "--standalone" in launcher else ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}", *where,
+           *launcher, str(script), *args]
+    stdout, stderr, returncode = _run(cmd, env, timeout=300)
+    assert (returncode == 0) == expect_ok, f"exit status {returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    # The process group is destroyed at exit (distributed.shutdown_at_exit): no gloo abort.
+    assert "terminate called" not in stderr, stderr[-6000:]
+    return stdout, stderr
+
+
+def _torchrun(out: Path, nproc: int = 2, launcher: tuple[str, ...] = (), expect_ok: bool = True,
+              **options: Any) -> dict[int, Any]:
+    """Run the worker on ``nproc`` ranks; {rank: saved result dict, or the TrainingError message}."""
+    out.mkdir(parents=True, exist_ok=True)
+    _launch(WORKER, [json.dumps({"out": str(out), **options})], nproc, launcher, expect_ok)
     results: dict[int, Any] = {}
-    for rank in range(2):
+    for rank in range(nproc if expect_ok else 0):
         error = out / f"rank{rank}.error"
         results[rank] = error.read_text() if error.exists() else torch.load(out / f"rank{rank}.pt")
     return results
@@ -140,6 +153,45 @@ def test_a_stop_on_one_rank_stops_both_and_resume_equals_the_uninterrupted_run(
     assert single.epoch == 3 and single.step == 13 + 5 + 15
 
 
+def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_equals_the_uninterrupted_one(
+        full_run: tuple[Path, dict[int, Any]], tmp_path: Path) -> None:
+    # Checkpoints at steps 8 and 16 (epoch ends), a widen at step 16; rank 1 dies at step 20.
+    # The agent tears rank 0 down and starts the group again (--max-restarts=1), which resumes.
+    run = tmp_path / "run"
+    results = _torchrun(tmp_path, launcher=("--max-restarts=1",), run_dir=str(run), epochs=5, resume=True,
+                        kill_step=20, kill_rank=1)
+    assert (tmp_path / "killed-rank1").read_text() == "killed after step 20"
+    for rank in results.values():
+        assert (rank["restart"], rank["started_at"], rank["step"]) == (1, 16, 40)
+    assert _max_diff(results[0]["state"], results[1]["state"]) == 0
+    assert _max_diff(results[0]["state"], full_run[1][0]["state"]) == 0  # bit for bit
+    assert results[0]["history"] == full_run[1][0]["history"]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    assert [e["op"] for e in read_events(run)] == [e["op"] for e in read_events(full_run[0] / "run")]
+
+
+def test_a_rank_killed_inside_a_checkpoint_save_leaves_the_last_complete_one_to_resume(tmp_path: Path) -> None:
+    # Rank 0 dies inside the save of step 24, after the weights were written to the hidden
+    # temporary folder. No restarts: torchrun fails, and a second launch, with 3 processes, resumes.
+    run = tmp_path / "run"
+    _torchrun(tmp_path / "a", expect_ok=False, run_dir=str(run), epochs=5, kill_save_step=24)
+    assert (tmp_path / "a" / "killed-rank0").read_text().startswith("killed while saving")
+    checkpoints = run / "checkpoints"
+    partial = [p.name for p in checkpoints.iterdir() if p.name.startswith(".step-00000024.tmp-")]
+    assert len(partial) == 1 and not (checkpoints / partial[0] / "state.pt").exists()
+    assert CheckpointManager(checkpoints).latest() == checkpoints / "step-00000016"
+    load(checkpoints / "step-00000016")  # complete and readable
+
+    results = _torchrun(tmp_path / "b", nproc=3, run_dir=str(run), epochs=5, resume=True)
+    # 3 ranks x 8 rows: 5 steps an epoch from the epoch boundary at step 16, for epochs 3 to 5.
+    for rank in results.values():
+        assert (rank["world"], rank["started_at"], rank["step"], rank["epoch"]) == (3, 16, 31, 5)
+    assert _max_diff(results[0]["state"], results[1]["state"]) == 0
+    assert _max_diff(results[0]["state"], results[2]["state"]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    assert [p.name for p in CheckpointManager(checkpoints).all()] == [f"step-{s:08d}" for s in (21, 26, 31)]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_sampler_deals_one_permutation_and_continues_after_consumed_samples(world: int) -> None:
     dataset = TensorDataset(torch.arange(10.0))
@@ -168,8 +220,9 @@ def test_cli_under_torchrun_prints_and_writes_once(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "adaptnet", "train", str(config),
            "train.epochs=2", "--out", str(out)]
-    stdout, stderr, returncode = _run(cmd, env)
+    stdout, stderr, returncode = _run(cmd, env, timeout=300)
     assert returncode == 0, stdout[-3000:] + stderr[-6000:]
+    assert "terminate called" not in stderr  # the process group is destroyed at exit
     assert stdout.count("training wine") == 1
     assert stdout.count("epoch 2/2") == 1
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
@@ -181,3 +234,47 @@ def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(tmp_path: Path) -> 
     assert results[0]["lr"] == results[1]["lr"] == 0.005  # lr_backoff 0.5, once
     assert _max_diff(results[0]["state"], results[1]["state"]) == 0
     assert [e["op"] for e in read_events(tmp_path / "run") if e["op"] == "rollback"] == ["rollback"]
+
+
+# -- input-adaptive modules -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def modules_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One launch of _ddp_worker_modules.py: early exits, PonderNet, MoE (+ grow_experts), refusals."""
+    out = tmp_path_factory.mktemp("ddp_modules")
+    _launch(Path(__file__).with_name("_ddp_worker_modules.py"), [str(out)])
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["early_exit", "ponder", "moe"])
+def test_input_adaptive_modules_train_under_ddp_with_identical_ranks(modules_run: list[dict[str, Any]],
+                                                                     kind: str) -> None:
+    a, b = modules_run[0][kind], modules_run[1][kind]
+    assert a["find_unused"] and b["find_unused"]  # the Trainer switched it on for these modules
+    assert a["step"] == b["step"] == 18  # 3 epochs of 96 rows, 8 per rank and step
+    assert _max_diff(a["state"], b["state"]) == 0
+    assert a["history"]["val_loss"] == b["history"]["val_loss"]
+    assert a["history"]["val_loss"][-1] < a["history"]["val_loss"][0]  # it learned something
+
+
+def test_grow_experts_mid_run_under_ddp(modules_run: list[dict[str, Any]]) -> None:
+    for rank in modules_run:
+        moe = rank["moe"]
+        assert [(e["op"], e["step"], e["units_added"]) for e in moe["events"]] == [("grow_experts", 8, [2, 3])]
+        assert moe["events"][0]["max_output_change"] <= 1e-12  # copies preserve the function
+        assert moe["state"]["1.w1"].shape[0] == 4
+        assert moe["exp_avg_w1"] == (4, 8, 8)  # the optimizer state followed the new experts
+        assert len(moe["losses"]) == 18  # 10 steps after the edit, with DDP re-wrapped around 4 experts
+
+
+def test_ranks_that_edit_differently_raise_before_ddp_sees_the_shapes(modules_run: list[dict[str, Any]]) -> None:
+    for rank in modules_run:
+        message = rank["mismatch"]
+        assert message.startswith("TrainingError: ranks disagree on the edit 'grow_experts'")
+        assert '"units_added": [2]' in message and '"units_added": [2, 3]' in message
+
+
+def test_compile_with_edits_under_ddp_is_refused_with_one_message(modules_run: list[dict[str, Any]]) -> None:
+    for rank in modules_run:
+        for case in ("compile_policies", "compile_apply_edit"):
+            assert rank[case].startswith("ValueError: compile=True cannot be combined with edits under DDP")
+            assert "swap_tensors" in rank[case]

@@ -16,6 +16,7 @@ See docs/distributed.md.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -30,6 +31,8 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from adaptnet.nn.losses import LossFn, adaptive_loss
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +128,61 @@ class Dist:
 
     # -- the model ------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """A fresh DDP wrapper around ``model`` (hooks on the parameters it has now)."""
+        """A fresh DDP wrapper around ``WithLoss(model)`` (hooks on the parameters it has now):
+        ``wrapped(x, y, loss_fn)`` returns the training loss."""
         from torch.nn.parallel import DistributedDataParallel
 
         find_unused = needs_find_unused(model)
         device_ids = [device] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+        return DistributedDataParallel(WithLoss(model), device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+class WithLoss(nn.Module):
+    """``model`` and its training loss as one module, so that DDP's output is the loss itself.
+
+    With ``find_unused_parameters``, DDP marks every parameter the forward's output does not
+    depend on as unused, at the end of the forward. Early exits (and any module whose
+    ``task_loss`` / ``aux_loss`` uses tensors stashed in the forward) put part of the loss
+    outside the output: DDP then saw the earlier exit heads "ready" twice, once as unused and
+    once in backward, and failed. From the loss, the traversal finds every parameter used.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+        return adaptive_loss(self.model, loss_fn, self.model(x), y)
 
 
 def needs_find_unused(model: nn.Module) -> bool:
     """True when some module may leave parameters unused in a step (it defines aux/task losses)."""
     return any(callable(getattr(m, name, None)) for m in model.modules() for name in _DYNAMIC_HOOKS)
+
+
+_SHUTDOWN_REGISTERED = False
+
+
+def shutdown_at_exit() -> None:
+    """Destroy the default process group at interpreter exit, while Python is still whole.
+
+    Registered once (by the Trainer under DDP). Left to the interpreter's teardown, the
+    process group is destroyed with the C++ statics, after Python is gone; with gloo that
+    sometimes aborted a finished rank ("terminate called without an active exception").
+    A group the script destroyed itself is left alone. See docs/distributed.md.
+    """
+    global _SHUTDOWN_REGISTERED
+    if not _SHUTDOWN_REGISTERED:
+        atexit.register(_shutdown)
+        _SHUTDOWN_REGISTERED = True
+
+
+def _shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        try:
+            torch_dist.destroy_process_group()
+        except Exception as err:  # exiting anyway: say why, never mask the exit status
+            logger.warning("could not destroy the process group at exit: %s", err)
 
 
 def from_env(device: torch.device) -> Dist | None:
@@ -152,7 +199,7 @@ def from_env(device: torch.device) -> Dist | None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch_dist.init_process_group(backend=backend)
+        torch_dist.init_process_group(backend=backend, **_store_of_this_attempt())
         logger.info("initialised process group: %s, rank %d of %d", backend, torch_dist.get_rank(),
                     torch_dist.get_world_size())
     if torch_dist.get_world_size() <= 1:
@@ -160,6 +207,24 @@ def from_env(device: torch.device) -> Dist | None:
     backend = str(torch_dist.get_backend())
     return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+
+
+def _store_of_this_attempt() -> dict[str, Any]:
+    """After a restart by torchrun's agent (one node): the store, under a prefix of this attempt.
+
+    The workers' store is the agent's, and it outlives a restart (torch 2.13, static and c10d
+    rendezvous alike): the keys where gloo publishes each rank's address are still there from
+    the attempt that failed, and a new rank that reads one before its peer has rewritten it
+    connects to a dead process ("Connection refused", the restarted group fails). One agent
+    restarts all its workers together with one ``TORCHELASTIC_RESTART_COUNT``, so on one node
+    it names the attempt; across nodes agents count restarts differently, and nothing is done.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        return {}
+    store, rank, world_size = next(torch_dist.rendezvous("env://"))
+    return {"store": torch_dist.PrefixStore(f"adaptnet/attempt-{restart}", store), "rank": rank,
+            "world_size": world_size}
 
 
 class ShardedSampler(DistributedSampler):

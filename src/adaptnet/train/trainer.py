@@ -26,12 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaptnet.edit import Edit
 from adaptnet.nn.losses import adaptive_loss
-from adaptnet.policy import EditRequest, Policy, Signals, apply_request
-from adaptnet.train import _rng
+from adaptnet.policy import EditRequest, Policy
+from adaptnet.train import _edits, _rng
 from adaptnet.train.callbacks import Callback
 from adaptnet.train.checkpoint import CheckpointManager, load, restore_optimizer
-from adaptnet.train.distributed import ShardedSampler, from_env, resolve_device
+from adaptnet.train.distributed import ShardedSampler, from_env, resolve_device, shutdown_at_exit
 from adaptnet.train.metrics import MetricFn, resolve
 from adaptnet.train.rundir import CHECKPOINTS, RunDir
 from adaptnet.train.safety import capture_training_state, restore_training_state, stop_on_signals
@@ -105,6 +106,9 @@ class Trainer:
         self.dist = from_env(self.device)  # None in a single process
         if self.dist is not None:
             self.device = self.dist.device(self.device)
+            shutdown_at_exit()
+            if compile and policies:
+                raise ValueError(_edits.COMPILE_DDP_EDITS)
         self.model = model.to(self.device)
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.policies, self.callbacks = list(policies), list(callbacks)
@@ -131,7 +135,9 @@ class Trainer:
         self._resume_rng: dict[str, Any] | None = None
         self._stop = False
         self._saved_at: tuple[int, int] | None = None  # (step, batch_in_epoch) of the last checkpoint
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self._snapshot: dict[str, Any] = {}  # what a rollback restores (the epoch's start, or a later edit)
+        self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # the fixed probe batch of ``fit``
+        self._forward: Callable[..., torch.Tensor] = self.model
         self._wrap()
 
     # -- public ------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ class Trainer:
             self.resume()
         train_loader = self._loader(train, shuffle=True)
         val_loader = self._loader(val, shuffle=False) if val is not None else None
-        probe = self._probe(val_loader or train_loader)
+        probe = self.probe = self._probe(val_loader or train_loader)
         self._stop = False
         with stop_on_signals(handle_signals, self.request_stop):
             for cb in self.callbacks:
@@ -172,6 +178,19 @@ class Trainer:
         if self.run is not None:
             self._write_report()
         return self.history
+
+    def apply_edit(self, fn: Callable[[nn.Module, torch.optim.Optimizer], Edit], *, policy: str = "",
+                   reason: str = "") -> Edit:
+        """Apply ``fn(model, optimizer) -> Edit`` between steps, as the Trainer applies policies' edits.
+
+        For edits no ``EditRequest`` names, such as ``adaptnet.grow_experts``: ``fn`` edits the
+        unwrapped model and carries the optimizer; the DDP / compile wrappers are re-created and
+        the event is logged. Call it from a callback (``on_epoch_start``, ``on_batch_end``) or
+        between fits; under DDP on every rank at the same step (the ranks' ``Edit`` records
+        are compared, and a difference raises ``TrainingError``). ``self.probe`` is the fit's
+        probe batch, for edits that calibrate on data.
+        """
+        return _edits.apply_function(self, fn, policy, reason)
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint (rank 0 writes; under DDP every rank must call it: it all-reduces the loss)."""
@@ -258,12 +277,12 @@ class Trainer:
         """Train one epoch (retrying after rollbacks); False if training must stop."""
         for cb in self.callbacks:
             cb.on_epoch_start(self, self.epoch)
-        start = self._epoch_snapshot()
+        self._snapshot = self._epoch_snapshot(self._resume_rng)
         while True:
             outcome = self._run_batches(loader)
             if outcome != "nonfinite":
                 return outcome == "done"
-            self._rollback(start)
+            self._rollback(self._snapshot)
 
     def _run_batches(self, loader: DataLoader) -> str:
         batches: Iterable[Any] = self._batches(loader)
@@ -277,7 +296,10 @@ class Trainer:
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = adaptive_loss(self.model, self.loss_fn, self._forward(x), y)
+            if self.dist is not None:  # DDP wraps the model with its loss (see distributed.WithLoss)
+                loss = self._forward(x, y, self.loss_fn)
+            else:
+                loss = adaptive_loss(self.model, self.loss_fn, self._forward(x), y)
             nonfinite = not torch.isfinite(loss)
             if self.dist is not None and self.dist.any(nonfinite) and not nonfinite:
                 return self._nonfinite(float("nan"), on_other_rank=True)  # every rank rolls back, or none
@@ -338,44 +360,12 @@ class Trainer:
         result.update({f"val_{name}": fn(out, tgt) for name, fn in self.metrics.items()})
         return result
 
-    # -- edits -------------------------------------------------------------------------------
+    # -- edits (see adaptnet.train._edits) ------------------------------------------------------
     def _apply_policies(self, probe: tuple[torch.Tensor, torch.Tensor]) -> None:
-        if not self.policies:
-            return
-        signals = Signals(self.epoch, self.step, self.model, self.history, probe, self.loss_fn,
-                          _rng.generator(self.seed, self.step), lr=self.optimizer.param_groups[0]["lr"])
-        for policy in self.policies:
-            requests = policy.decide(signals)
-            if self.dist is not None:
-                self.dist.agree(f"the edits of policy {getattr(policy, 'name', type(policy).__name__)!r} "
-                                f"at step {self.step}",
-                                {"params": signals.num_params, "requests": [r.to_dict() for r in requests]})
-            for request in requests:
-                self._edit(request, probe, signals.generator)
+        _edits.apply_policies(self, probe)
 
-    def _edit(self, request: EditRequest, probe: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> None:
-        for cb in self.callbacks:
-            cb.on_before_edit(self, request)
-        loss_before = self._probe_loss(probe)
-        self._unwrap()
-        edit = apply_request(request, self.model, self.optimizer, probe, self.loss_fn, gen)
-        self._wrap()
-        event = {"step": self.step, "epoch": self.epoch, **edit.to_dict(), "policy": request.policy,
-                 "reason": request.reason, "loss_before": loss_before, "loss_after": self._probe_loss(probe)}
-        logger.info("edit at step %d: %s layer %d -> widths %s", self.step, edit.op, edit.layer,
-                    list(edit.widths_after))
-        if self.run is not None:
-            self.run.append_event(event)
-        for cb in self.callbacks:
-            cb.on_after_edit(self, edit, event)
-
-    @torch.no_grad()
-    def _probe_loss(self, probe: tuple[torch.Tensor, torch.Tensor]) -> float:
-        training = self.model.training
-        self.model.eval()
-        loss = float(self.loss_fn(self.model(probe[0]), probe[1]))
-        self.model.train(training)
-        return loss
+    def _edit(self, request: EditRequest, probe: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> Edit:
+        return _edits.apply_policy_request(self, request, probe, gen)
 
     def _unwrap(self) -> None:
         """Drop the wrappers before an edit: a DDP wrapper holds references to the parameters, and
@@ -389,13 +379,18 @@ class Trainer:
         self._forward = torch.compile(module) if self.compile else module
 
     # -- non-finite losses ---------------------------------------------------------------------
-    def _epoch_snapshot(self) -> dict[str, Any]:
+    def _epoch_snapshot(self, rng: dict[str, Any] | None) -> dict[str, Any]:
         if self.on_nonfinite != "rollback":
             return {}
-        # The RNG state a retry starts from: the epoch's own seed, or the resumed state.
+        # The RNG state a retry starts from: None (the epoch's own seed), or one saved mid-epoch.
         counters = (self.step, self.batch_in_epoch, list(self.epoch_loss), self.samples_in_epoch)
         return {**capture_training_state(self.model, self.optimizer, self.scheduler), "counters": counters,
-                "rng": self._resume_rng}
+                "rng": rng}
+
+    def _edited_mid_epoch(self) -> None:
+        """After an edit inside an epoch, a rollback restores the edited model, from this step on."""
+        if self._snapshot and self.batch_in_epoch > 0:
+            self._snapshot = self._epoch_snapshot(_rng.capture())
 
     def _nonfinite(self, value: float, on_other_rank: bool = False) -> str:
         where = f"epoch {self.epoch + 1}, step {self.step + 1}" + (" (on another rank)" if on_other_rank else "")
