@@ -107,11 +107,11 @@ class Trainer:
         if self.dist is not None:
             self.device = self.dist.device(self.device)
             shutdown_at_exit()
-            if compile and policies:
-                raise ValueError(_edits.COMPILE_DDP_EDITS)
         self.model = model.to(self.device)
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.policies, self.callbacks = list(policies), list(callbacks)
+        if self.dist is not None and compile and self.policies:
+            raise ValueError(_edits.COMPILE_DDP_EDITS)
         self.metrics = resolve(metrics if isinstance(metrics, dict) else tuple(metrics))
         self.seed, self.batch_size, self.compile = seed, batch_size, compile
         self.checkpoint_every, self.on_nonfinite = checkpoint_every, on_nonfinite
