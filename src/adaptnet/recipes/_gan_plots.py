@@ -26,9 +26,9 @@ def plot_ring(samples: Mapping[str, torch.Tensor], before_growth: torch.Tensor |
     plt = _pyplot()
     panels = ([("adaptive, before first growth", before_growth)] if before_growth is not None else [])
     panels += [(f"{name}, final", points) for name, points in samples.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels, strict=True):
-        pts = points[:1500].detach()
+        pts = points[:1500].detach().numpy()
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color="tab:blue")
         for c in centers:  # the 3-sigma discs a high-quality sample falls in
             ax.add_patch(plt.Circle((float(c[0]), float(c[1])), 3 * sigma, color="red", fill=False, lw=0.8))
@@ -66,7 +66,7 @@ def plot_digit_grid(images: Mapping[str, torch.Tensor], path: Path, rows: int = 
         x = torch.cat([x, x.new_full((rows * rows - len(x), 1, r, r), -1.0)]) if len(x) < rows * rows else x
         # (rows*rows, 1, r, r) -> (rows*r, rows*r): rows of images side by side
         grid = x.reshape(rows, rows, r, r).permute(0, 2, 1, 3).reshape(rows * r, rows * r)
-        ax.imshow(grid, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -54,7 +54,7 @@ class GanSettings:
     arch: Literal["adaptive", "static"] = field(default="adaptive", metadata=_help(
         "adaptive: grow while training (ring: widen; digits: 4x4 -> 8x8); static: the final size throughout"))
     compare: bool = field(default=True, metadata=_help("with arch=adaptive, also train the static final size"))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_help("seeds weights, data order, noise and edits"))
     steps: int | None = field(default=None, metadata=_help("steps of each network (null: ring 6000, digits 3000)"))
     batch: int = field(default=128, metadata=_help("real and fake samples per step"))
     lr_g: float = field(default=1e-3, metadata=_help("generator Adam learning rate (betas 0.5, 0.999)"))
@@ -320,7 +320,8 @@ def train_digits(s: GanSettings, clf: Any, progressive: bool, log: Any = print) 
             for key, value in (("step", step), ("params", params), *score.items()):
                 curve[key].append(float(value))
             if step % (s.eval_every * 5) == 0 or step == s.total_steps:
-                log(f"  step {step:5d}  {g.resolution}x{g.resolution} alpha {g.alpha:.2f}  confident "
+                fading = f" alpha {g.alpha:.2f}" if g.resolution == 8 else ""
+                log(f"  step {step:5d}  {g.resolution}x{g.resolution}{fading}  confident "
                     f"{score['confident']:.3f}  balance {score['balance']:.3f}  params {params}")
     with torch.no_grad():
         final = g(z_eval)
