@@ -62,7 +62,8 @@ class AdaptiveSettings:
     epochs: int = field(default=60, metadata={"help": "epochs of every run (adaptive and static)"})
     start: tuple[int, ...] = field(default=(4, 4), metadata={"help": "hidden widths the adaptive run starts from"})
     patience: int = field(default=2, metadata={"help": "grow after this many epochs without improvement"})
-    min_delta: float = field(default=0.02, metadata={"help": "validation-loss decrease that counts as one"})
+    min_delta: float = field(default=0.02, metadata={
+        "help": "a decrease of the monitored loss that counts as an improvement"})
     monitor: Literal["val_loss", "train_loss"] = field(default="val_loss", metadata={
         "help": "the loss whose plateau triggers growth"})
     by: int = field(default=8, metadata={"help": "units added per growth"})
