@@ -121,5 +121,9 @@ def test_the_process_group_is_destroyed_at_exit_once_registered(monkeypatch: pyt
     destroyed: list[bool] = []
     monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.torch_dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.delattr(distributed.sys, "last_value", raising=False)
     distributed._shutdown()
+    assert destroyed == [True]
+    monkeypatch.setattr(distributed.sys, "last_value", RuntimeError("a rank failed"), raising=False)
+    distributed._shutdown()  # dying of an exception: peers may be in a collective, leave the group
     assert destroyed == [True]

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +170,8 @@ def shutdown_at_exit() -> None:
     Registered once (by the Trainer under DDP). Left to the interpreter's teardown, the
     process group is destroyed with the C++ statics, after Python is gone; with gloo that
     sometimes aborted a finished rank ("terminate called without an active exception").
-    A group the script destroyed itself is left alone. See docs/distributed.md.
+    A group the script destroyed itself is left alone, and so is the group of a process that
+    dies of an uncaught exception. See docs/distributed.md.
     """
     global _SHUTDOWN_REGISTERED
     if not _SHUTDOWN_REGISTERED:
@@ -178,6 +180,10 @@ def shutdown_at_exit() -> None:
 
 
 def _shutdown() -> None:
+    if getattr(sys, "last_value", None) is not None:
+        # Dying of an uncaught exception: other ranks may be inside a collective, and destroying
+        # a group under them can block (nccl). torchrun stops them; leave the group as it is.
+        return
     if torch_dist.is_available() and torch_dist.is_initialized():
         try:
             torch_dist.destroy_process_group()
