@@ -59,11 +59,12 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], metrics: Se
 def plot_digit_grid(images: Mapping[str, torch.Tensor], path: Path, rows: int = 10) -> None:
     """A ``rows`` x ``rows`` grid of ``(N, 1, r, r)`` images in [-1, 1] per entry, side by side."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(images), figsize=(2.8 * len(images), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(images), figsize=(3.3 * len(images), 3.5), squeeze=False)
     for ax, (title, batch) in zip(axes[0], images.items(), strict=True):
         x = batch[: rows * rows].detach().float()
+        x = torch.cat([x, x.new_full((rows * rows - len(x), *x.shape[1:]), -1.0)]) if len(x) < rows * rows else x
+        x = torch.nn.functional.pad(x, (0, 1, 0, 1), value=-1.0)  # a blank pixel between neighbours
         r = x.shape[-1]
-        x = torch.cat([x, x.new_full((rows * rows - len(x), 1, r, r), -1.0)]) if len(x) < rows * rows else x
         # (rows*rows, 1, r, r) -> (rows*r, rows*r): rows of images side by side
         grid = x.reshape(rows, rows, r, r).permute(0, 2, 1, 3).reshape(rows * r, rows * r)
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")

@@ -383,5 +383,5 @@ RECIPE = Recipe(
     settings=GanSettings,
     run=run,
     quick={"steps": 2000, "eval_every": 100, "eval_samples": 1000, "patience": 2, "start_width": 16,
-           "grow_by": 16, "max_width": 48},
+           "grow_by": 16, "max_width": 48, "hidden": 64},
 )
