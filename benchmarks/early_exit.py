@@ -197,16 +197,27 @@ def head_macs(model: EarlyExit, x: torch.Tensor) -> list[int]:
     return out
 
 
-def run_task(name: str, data: dict[str, Split], config: dict[str, Any]) -> dict[str, Any]:
+def run_task(name: str, data: dict[str, Split], config: dict[str, Any], models: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     x, y = data["test"]
     classes = int(data["train"][1].max()) + 1
     torch.manual_seed(0)
     model = EarlyExit.mlp(x.shape[1], [config["width"]] * config["blocks"], classes)
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    trainer = Trainer(model, opt, F.cross_entropy, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=config["epochs"]), metrics=["accuracy"], batch_size=64, device="cpu", seed=0)
-    trainer.fit(data["train"], data["val"], epochs=config["epochs"])
+    # Training is deterministic (seed 0): ``--models`` keeps the weights, so that the timing can be
+    # taken again (on a quieter machine) without training again.
+    saved = None if models is None else models / f"{name}-{config['width']}x{config['blocks']}-{config['epochs']}.pt"
+    loaded = saved is not None and saved.exists()
+    if loaded:
+        assert saved is not None
+        model.load_state_dict(torch.load(saved, weights_only=True))
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        trainer = Trainer(model, opt, F.cross_entropy, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=config["epochs"]), metrics=["accuracy"], batch_size=64, device="cpu", seed=0)
+        trainer.fit(data["train"], data["val"], epochs=config["epochs"])
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), saved)
     train_seconds = time.perf_counter() - started
     model.eval()
     criteria = {}
@@ -242,7 +253,7 @@ def run_task(name: str, data: dict[str, Split], config: dict[str, Any]) -> dict[
                           and min(targets["speedup_64"], targets["speedup_256"]) >= 2)
     return {"config": {**config, "classes": classes, "in_features": x.shape[1],
                        "rows": {k: int(v[0].shape[0]) for k, v in data.items()},
-                       "train_seconds": round(train_seconds, 1)},
+                       "train_seconds": round(train_seconds, 1), "weights_loaded_from": str(saved) if loaded else None},
             "accuracy_per_exit": accuracy, "criteria": criteria, "timing": timing, "targets": targets,
             "block_cpu_us_per_row_by_rows": rows_cost}
 
@@ -290,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"which task (default all: {', '.join(DEFAULT_TASKS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; 2 with --quick)")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="folder for the trained weights: reused when there, saved after training otherwise")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: width 64, 4 blocks, 2 epochs, fewer rows, 2 repeats")
     args = parser.parse_args(argv)
@@ -306,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {**TASKS[name], **base} if args.quick else {**base, **TASKS[name]}
         make = {"checkerboard": checkerboard, "mixture": mixture}
         data = digits() if name == "digits" else make[name](config["rows"])
-        tasks[name] = run_task(name, data, config)
+        tasks[name] = run_task(name, data, config, args.models)
     results: dict[str, Any] = {
         "benchmark": "early_exit",
         "command": " ".join(["python", "benchmarks/early_exit.py", *(argv if argv is not None else sys.argv[1:])]),
