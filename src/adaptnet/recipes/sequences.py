@@ -48,11 +48,13 @@ class SequenceSettings:
     beta: float = field(default=0.01, metadata={"help": "weight of the KL to the prior"})
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (cosine decay to zero)"})
     log_every: int = field(default=100, metadata={"help": "print a progress line every this many steps"})
+    threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads during the run (tiny per-token ops: one is fastest, and immune to a busy CPU)"})
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("train_min_len", "test_size", "steps", "batch", "hidden", "max_ponder", "log_every"):
+        for name in ("train_min_len", "test_size", "steps", "batch", "hidden", "max_ponder", "log_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
@@ -192,6 +194,15 @@ def plot(table: list[dict[str, Any]], settings: SequenceSettings, out: Path) -> 
 
 
 def run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
     import adaptnet as an
 
     torch.manual_seed(settings.seed)
