@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-model", type=Path, default=None, metavar="FILE",
                         help="trained parity weights (parity.py --save-models writes pondernet_interpolation_0"
                              ".safetensors); trained here when left out")
+    parser.add_argument("--models", choices=["gru512", "parity", "all"], default="all", help="default all")
     parser.add_argument("--quick", action="store_true", help="smoke run: hidden 128 instead of 512, 2 repeats")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 9)
@@ -294,18 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = parity_data(args.batch, (1, ELEMENTS), torch.Generator().manual_seed(1))
     hidden, halt_scale = (128 if args.quick else 512), 8.0
     models: dict[str, Any] = {}
-    with torch.inference_mode():
-        big = gru512(hidden, 20, x, args.fraction, halt_scale)
-        models["gru512"] = {"description": f"RecurrentStep(16, {hidden}, 2, 'gru'), untrained, halting weights x"
-                                           f"{halt_scale}, bias {float(big.step.halt.bias):.3f}",
-                            "max_steps": big.max_steps, "check": compare(big, x),
-                            "timing": measure(big, x, repeats, 1 if not args.quick else 2)}
-    small, trained = trained_parity(args.parity_model, 30.0 if args.quick else args.parity_seconds)
-    with torch.inference_mode():
-        models["parity"] = {"description": f"RecurrentStep(16, {small.step.sizes[1]}, 2, 'gru') trained on parity "
-                                           f"(test accuracy {trained['test_accuracy']:.4f})",
-                            "max_steps": small.max_steps, "trained": trained, "check": compare(small, x),
-                            "timing": measure(small, x, repeats, 10)}
+    if args.models in ("gru512", "all"):
+        with torch.inference_mode():
+            big = gru512(hidden, 20, x, args.fraction, halt_scale)
+            models["gru512"] = {"description": f"RecurrentStep(16, {hidden}, 2, 'gru'), untrained, halting weights "
+                                               f"x{halt_scale}, bias {float(big.step.halt.bias):.3f}",
+                                "max_steps": big.max_steps, "check": compare(big, x),
+                                "timing": measure(big, x, repeats, 1 if not args.quick else 2)}
+    if args.models in ("parity", "all"):
+        small, trained = trained_parity(args.parity_model, 30.0 if args.quick else args.parity_seconds)
+        with torch.inference_mode():
+            models["parity"] = {"description": f"RecurrentStep(16, {small.step.sizes[1]}, 2, 'gru') trained on parity "
+                                               f"(test accuracy {trained['test_accuracy']:.4f})",
+                                "max_steps": small.max_steps, "trained": trained, "check": compare(small, x),
+                                "timing": measure(small, x, repeats, 10)}
     results: dict[str, Any] = {
         "benchmark": "halting_throughput",
         "command": " ".join(["python", "benchmarks/halting_throughput.py",

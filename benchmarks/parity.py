@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "hidden": 64, "batch": 128, "lr": 3e-3, "max_steps": 20, "lambda_p": 0.2, "beta": 0.01, "tau": 0.01,
     "max_iters": 20000, "budget_s": 600.0, "eval_every": 250, "stop_at": 0.998, "val_rows": 4000,
     "test_rows": 10000, "grad_clip": 1.0, "verbose": 0,
+    "wall_s": 0.0,  # a wall-clock cap as well (0: none), for sessions with a fixed end on a loaded machine
 }
 QUICK = {"hidden": 32, "max_iters": 300, "budget_s": 60.0, "eval_every": 100, "val_rows": 500, "test_rows": 1000}
 
@@ -112,7 +113,14 @@ def fit(model: str, split: str, seed: int, config: dict[str, Any]) -> tuple[dict
     curve: list[tuple[int, float, float, float]] = []  # (step, CPU seconds, val accuracy, val mean steps)
     started, cpu_started = time.perf_counter(), time.process_time()
     it = 0
-    while it < config["max_iters"] and time.process_time() - cpu_started < config["budget_s"]:
+    stopped_by = "max_iters"
+    while it < config["max_iters"]:
+        if time.process_time() - cpu_started >= config["budget_s"]:
+            stopped_by = "cpu budget"
+            break
+        if config["wall_s"] and time.perf_counter() - started >= config["wall_s"]:
+            stopped_by = "wall cap"
+            break
         x, y = parity_data(config["batch"], ranges["train"], gen)
         opt.zero_grad(set_to_none=True)
         loss = adaptive_loss(net, F.cross_entropy, net(x), y)
@@ -127,6 +135,7 @@ def fit(model: str, split: str, seed: int, config: dict[str, Any]) -> tuple[dict
                 print(f"{model}/{split} seed {seed} step {it} cpu {curve[-1][1]} s val {acc:.4f} steps {steps:.2f}",
                       file=sys.stderr, flush=True)
             if acc >= config["stop_at"]:
+                stopped_by = "validation accuracy"
                 break
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     test_acc, test_steps = evaluate(net, *test)
@@ -139,7 +148,8 @@ def fit(model: str, split: str, seed: int, config: dict[str, Any]) -> tuple[dict
     row = {"model": model, "split": split, "seed": seed, "iters": it, "train_seconds": round(seconds, 1),
            "train_cpu_seconds": round(cpu_seconds, 1),
            "val_accuracy": val_acc, "test_accuracy": test_acc, "mean_ponder_steps": test_steps,
-           "steps_histogram": histogram, "success": test_acc >= ranges["target"], "curve": curve}
+           "steps_histogram": histogram, "success": test_acc >= ranges["target"], "stopped_by": stopped_by,
+           "curve": curve}
     return row, net
 
 
@@ -175,7 +185,7 @@ def table(results: dict[str, Any]) -> str:
     for r in results["runs"]:
         lines.append(f"  {r['model']}/{r['split']}: seed {r['seed']} acc {r['test_accuracy']:.4f} "
                      f"steps {r['mean_ponder_steps']:.2f} CPU {r['train_cpu_seconds']:.0f} s, wall "
-                     f"{r['train_seconds']:.0f} s ({r['iters']} iters)")
+                     f"{r['train_seconds']:.0f} s ({r['iters']} iters, stopped by {r['stopped_by']})")
     return "\n".join(lines)
 
 
