@@ -188,7 +188,8 @@ class Trainer:
         the event is logged. Call it from a callback (``on_epoch_start``, ``on_batch_end``) or
         between fits; under DDP on every rank at the same step (the ranks' ``Edit`` records
         are compared, and a difference raises ``TrainingError``). ``self.probe`` is the fit's
-        probe batch, for edits that calibrate on data.
+        probe batch, for edits that calibrate on data. Callbacks get ``on_after_edit`` (there is
+        no request for ``on_before_edit``).
         """
         return _edits.apply_function(self, fn, policy, reason)
 
