@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from adaptnet.cli.demo import harder_regression as demo_regression
 from adaptnet.cli.main import main
 from adaptnet.recipes import RecipeError, get_recipe, make_settings, run_recipe
-from adaptnet.recipes.adaptive import RUN_DIR, harder_regression, mlp_params
+from adaptnet.recipes.adaptive import RUN_DIR, mlp_params
 from adaptnet.train.rundir import read_events, read_metrics
 
 
 def _events(run: Path) -> list[dict]:
     return [e for e in read_events(run) if e["op"] != "rollback"]
-
-
-def test_regression_is_the_demos():
-    x, y = harder_regression(3, n=50)
-    dx, dy = demo_regression(3, n=50)
-    np.testing.assert_allclose(x, dx.double().numpy())
-    np.testing.assert_allclose(y, dy.squeeze(1).double().numpy())
 
 
 def test_quick_regression_grows_prunes_and_compares(tmp_path, capsys):

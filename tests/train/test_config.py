@@ -80,7 +80,7 @@ def test_yaml_values() -> None:
     ({"train": {"tensorboard": "yes"}}, "train.tensorboard: must be true or false, got 'yes'"),
     ({"train": {"on_nonfinite": "ignore"}}, "train.on_nonfinite: must be one of rollback, stop, got 'ignore'"),
     ({"device": "tpu"}, "device: must be one of auto, cpu, cuda, mps, got 'tpu'"),
-    ({"data": {"name": "mnist"}}, "data.name: must be one of synthetic, digits, wine"),
+    ({"data": {"name": "mnist"}}, "data.name: must be one of synthetic, regression, digits, wine"),
     ({"data": {"name": "wine", "val_fraction": 0.6, "test_fraction": 0.5}}, "data.test_fraction: val_fraction +"),
     ({"data": {"name": "wine", "target": "y"}}, "data.target: only valid with data.csv"),
     ({"data": {"csv": "missing.csv", "target": "y"}}, "data.csv: file not found"),

@@ -13,6 +13,7 @@ from adaptnet.train.data import DataError, load_data, read_csv, synthetic
 
 @pytest.mark.parametrize(("name", "task", "features", "classes"), [
     ("synthetic", "regression", 10, None),
+    ("regression", "regression", 10, None),
     ("digits", "classification", 64, 10),
     ("wine", "classification", 13, 3),
     ("breast_cancer", "classification", 30, 2),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
@@ -14,6 +13,7 @@ import adaptnet as an
 from adaptnet.edit import Edit
 from adaptnet.policy import GrowOnPlateau
 from adaptnet.train.callbacks import Callback
+from adaptnet.train.data import regression
 from adaptnet.train.trainer import Trainer
 
 
@@ -46,16 +46,6 @@ def seed_example(seed: int) -> None:
         optimizer.step()
         if (epoch + 1) % 10 == 0:
             print(f"Epoch [{epoch + 1}/100], Loss: {loss.item():.4f}")
-
-
-def harder_regression(seed: int, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """10 features -> 1 target with interactions and oscillations: a 4-unit network underfits it."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g)
-    w = torch.randn(10, 4, generator=g)
-    z = x @ w / math.sqrt(10)  # (n, 4)
-    y = torch.sin(2 * z[:, 0]) + z[:, 1] * z[:, 2] + 0.5 * torch.tanh(3 * z[:, 3]) + 0.05 * torch.randn(n, generator=g)
-    return x, y.unsqueeze(1)
 
 
 class _PrintEdits(Callback):
@@ -94,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n== Adaptive: a harder regression (2000 samples, 10 features), starting from 4-4 hidden units ==")
     print("   grows by 8 units where the gradient says growth helps most, when the validation loss")
     print("   has not improved for 3 epochs, within 700 parameters (init=gradmax: function preserved exactly)")
-    x, y = harder_regression(args.seed)
+    x_np, y_np = regression(2000, args.seed)
+    x, y = torch.from_numpy(x_np).float(), torch.from_numpy(y_np).float().unsqueeze(1)
     data = (x[:1500], y[:1500], x[1500:], y[1500:])
     torch.manual_seed(args.seed)
     model = an.AdaptiveMLP(10, [4, 4], 1)

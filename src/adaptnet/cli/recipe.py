@@ -40,6 +40,14 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(run=run, extra_words=[])
 
 
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as it would be written after ``key:`` in a settings file (lists in flow style)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    text: str = yaml.safe_dump(value, default_flow_style=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
         for name in recipe_names():
@@ -54,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if args.show:
             for key, default, help_text in describe_settings(recipe):
                 value = {**(recipe.quick if args.quick else {}), **values}.get(key, default)
-                line = yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value},
-                                      default_flow_style=None).strip()
+                line = f"{key}: {_yaml_scalar(value)}"
                 print(f"{line:<40}# {help_text}" if help_text else line)
             return 0
         results = run_recipe(args.name, values, out=args.out, quick=args.quick)

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
@@ -45,7 +43,7 @@ from adaptnet.policy import GrowOnPlateau, PruneToBudget
 from adaptnet.recipes import Recipe
 from adaptnet.train.build import evaluate, loss_and_metrics
 from adaptnet.train.callbacks import Callback
-from adaptnet.train.data import DataError, Splits, _split, load_data, read_csv
+from adaptnet.train.data import DataError, Splits, load_data, read_csv
 from adaptnet.train.rundir import read_events
 from adaptnet.train.trainer import Trainer
 
@@ -114,18 +112,6 @@ def mlp_params(n_in: int, widths: tuple[int, ...] | list[int], n_out: int) -> in
 
 
 # -- data ----------------------------------------------------------------------------------------
-def harder_regression(seed: int, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's regression (``adaptnet demo``; the recipe layer may not import the CLI, so it is
-    repeated here, and a test checks the two agree): 10 features -> 1 target with interactions and
-    oscillations that a 4-unit network underfits."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g)
-    w = torch.randn(10, 4, generator=g)
-    z = x @ w / math.sqrt(10)  # (n, 4)
-    y = torch.sin(2 * z[:, 0]) + z[:, 1] * z[:, 2] + 0.5 * torch.tanh(3 * z[:, 3]) + 0.05 * torch.randn(n, generator=g)
-    return x.double().numpy(), y.double().numpy()
-
-
 def _check_data(data: str) -> None:
     if data not in BUILTIN_DATA and Path(data).suffix.lower() != ".csv" and not Path(data).exists():
         raise ValueError(f"data: unknown data set {data!r}; use one of {', '.join(BUILTIN_DATA)} or a CSV file path")
@@ -134,8 +120,6 @@ def _check_data(data: str) -> None:
 def _sizes(data: str, target: str) -> tuple[int, int]:
     """(input features, outputs) of the data; ``ValueError`` for an unknown name, a bad CSV file or column."""
     _check_data(data)
-    if data == "regression":
-        return 10, 1
     if data in BUILTIN_DATA:
         info = load_data(data, val_fraction=0.0, test_fraction=0.0).info
         return info.in_features, info.out_features
@@ -148,9 +132,6 @@ def _sizes(data: str, target: str) -> tuple[int, int]:
 
 def load_splits(s: AdaptiveSettings) -> Splits:
     """60/20/20 train/val/test split by seed, standardised with training statistics."""
-    if s.data == "regression":
-        x, y = harder_regression(s.seed)
-        return _split(x, y, "regression", None, "regression", s.seed, 0.2, 0.2, True, False)
     if s.data in BUILTIN_DATA:
         return load_data(s.data, seed=s.seed)
     return load_data(csv=s.data, target=s.target, seed=s.seed)

@@ -45,10 +45,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which data, how it is split, and how it is batched."""
 
-    name: Literal["synthetic", "digits", "wine", "breast_cancer", "diabetes"] | None = None
+    name: Literal["synthetic", "regression", "digits", "wine", "breast_cancer", "diabetes"] | None = None
     csv: str | None = None
     target: str | None = None
-    samples: PosInt | None = None  # rows of the synthetic data set (default 2000)
+    samples: PosInt | None = None  # rows of the synthetic or regression data set (default 2000)
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
     batch_size: int = Field(default=64, ge=1)
@@ -176,8 +176,8 @@ def _check_data(data: DataConfig, model: MLPConfig | CNNConfig) -> None:
         raise _fail("data.target", "required with data.csv; must be the name of the target column")
     if data.csv is None and data.target is not None:
         raise _fail("data.target", "only valid with data.csv")
-    if data.samples is not None and data.name != "synthetic":
-        raise _fail("data.samples", "only valid with data.name: synthetic")
+    if data.samples is not None and data.name not in ("synthetic", "regression"):
+        raise _fail("data.samples", "only valid with data.name: synthetic or regression")
     if data.val_fraction + data.test_fraction > 0.9:
         raise _fail("data.test_fraction", "val_fraction + test_fraction must be <= 0.9 (training needs data), "
                     f"got {data.val_fraction} + {data.test_fraction}")

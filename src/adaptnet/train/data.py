@@ -2,6 +2,8 @@
 
 * ``synthetic``: the seed's regression, 10 features -> 1 target, a sum of random sine
   ridges plus an interaction term, so that a wider network fits it better than a narrow one.
+* ``regression``: the demo's regression (``adaptnet demo``), 10 features -> 1 target with
+  interactions and oscillations that a 4-unit network underfits.
 * ``digits`` (8x8 images, 10 classes; 64 features, or ``(1, 8, 8)`` images for a CNN),
   ``wine`` (3 classes), ``breast_cancer`` (2 classes) and ``diabetes`` (regression), from
   scikit-learn's bundled copies.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +31,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("synthetic", "digits", "wine", "breast_cancer", "diabetes")
+DATASETS = ("synthetic", "regression", "digits", "wine", "breast_cancer", "diabetes")
 MAX_CLASSES = 20  # an integer CSV target with more distinct values is a regression target
 Task = Literal["classification", "regression"]
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -88,6 +91,21 @@ def synthetic(samples: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     a = rng.standard_normal(ridges) / np.sqrt(ridges)
     y = np.sin(x @ w + b) @ a + 0.5 * x[:, 0] * x[:, 1] + 0.05 * rng.standard_normal(samples)
     return x, y
+
+
+def regression(samples: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The demo's regression: ``x`` (samples, 10) standard normal, ``y`` (samples,).
+
+    ``y = sin(2 z0) + z1 z2 + 0.5 tanh(3 z3) + noise`` with ``z = x W / sqrt(10)`` for a random
+    10x4 ``W``. Drawn in float32 with torch's generator (the demo trains on these tensors as drawn).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 10, generator=g)
+    w = torch.randn(10, 4, generator=g)
+    z = x @ w / math.sqrt(10)
+    y = torch.sin(2 * z[:, 0]) + z[:, 1] * z[:, 2] + 0.5 * torch.tanh(3 * z[:, 3])
+    y = y + 0.05 * torch.randn(samples, generator=g)
+    return x.double().numpy(), y.double().numpy()
 
 
 def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray, Task, tuple[str, ...] | None]:
@@ -186,7 +204,7 @@ def load_data(
         val_fraction, test_fraction: shares of the rows held out (0: no such split).
         standardize: standardise features (and regression targets) with training statistics.
         images: inputs as images ``(N, C, H, W)`` (only ``digits``: ``(N, 1, 8, 8)``).
-        samples: rows of the synthetic data set (default 2000).
+        samples: rows of the synthetic or regression data set (default 2000).
     """
     if (name is None) == (csv is None):
         raise DataError("give a data set name or a CSV file (and not both)")
@@ -195,8 +213,8 @@ def load_data(
     if images and name != "digits":
         raise DataError(f"{name or csv} has no image form; only digits does (1x8x8)")
     classes: tuple[str, ...] | None
-    if name == "synthetic":
-        x, y = synthetic(samples or 2000, seed)
+    if name in ("synthetic", "regression"):
+        x, y = (synthetic if name == "synthetic" else regression)(samples or 2000, seed)
         task: Task = "regression"
         classes = None
     elif name is not None:
