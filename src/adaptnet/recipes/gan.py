@@ -320,7 +320,7 @@ def train_digits(s: GanSettings, clf: Any, progressive: bool, log: Any = print) 
             for key, value in (("step", step), ("params", params), *score.items()):
                 curve[key].append(float(value))
             if step % (s.eval_every * 5) == 0 or step == s.total_steps:
-                fading = f" alpha {g.alpha:.2f}" if g.resolution == 8 else ""
+                fading = f" alpha {g.alpha:.2f}" if progressive and g.resolution == 8 else ""
                 log(f"  step {step:5d}  {g.resolution}x{g.resolution}{fading}  confident "
                     f"{score['confident']:.3f}  balance {score['balance']:.3f}  params {params}")
     with torch.no_grad():
