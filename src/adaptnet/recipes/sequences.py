@@ -28,6 +28,7 @@ from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.sequences import PerToken, lengths_to_mask
 from adaptnet.recipes import Recipe
 from adaptnet.recipes._seqdata import CLASSES, FEATURES, TASKS, sample, tokens
+from adaptnet.train.checkpoint import save
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,6 @@ def run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
 
 
 def _run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
-    import adaptnet as an
-
     torch.manual_seed(settings.seed)
     model = build_model(settings)
     params = sum(p.numel() for p in model.parameters())
@@ -220,7 +219,7 @@ def _run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
         print(line)
     seen = [r["accuracy"] for r in table if r["seen_in_training"]]
     beyond = [r["accuracy"] for r in table if r["length"] > settings.train_max_len]
-    an.save(out / "model", model)  # PerToken/PonderNet/RecurrentStep have specs: an.load rebuilds it
+    save(out / "model", model)  # PerToken/PonderNet/RecurrentStep have specs: an.load rebuilds it
     plots = plot(table, settings, out)
     return {"task": settings.task, "params": params, "train_s": round(train_s, 1), "curve": curve, "table": table,
             "accuracy_seen_lengths": round(sum(seen) / len(seen), 4) if seen else None,
