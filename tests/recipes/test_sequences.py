@@ -115,7 +115,9 @@ def test_quick_addition_run(tmp_path: Path) -> None:
 
 def test_cli_runs_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
+    torch.set_num_threads(2)  # the run uses its own thread count (1) and gives the caller's back
     assert main(["recipe", "sequences", "--quick", "task=addition", "steps=10", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == 2
     printed = capsys.readouterr().out
     assert "ponder/token" in printed and f"results, settings and plots in {out}" in printed
     assert json.loads((out / "results.json").read_text())["settings"]["steps"] == 10
