@@ -33,7 +33,8 @@ The other criteria (entropy, patience) are calibrated the same way and reported 
 timings.
 
 Run: ``python benchmarks/early_exit.py`` (``--quick`` for a smoke run, ``--task``,
-``--threads``, ``--repeats``, ``--out`` for the JSON path).
+``--threads``, ``--repeats``, ``--out`` for the JSON path, ``--models DIR`` to keep the trained
+weights and time them again without training).
 """
 
 from __future__ import annotations

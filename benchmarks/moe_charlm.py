@@ -23,7 +23,8 @@ load balance: the coefficient of variation (std / mean) of the tokens each exper
 per layer, on the validation text.
 
 Run: ``python benchmarks/moe_charlm.py`` (``--quick`` for a smoke run; ``--steps``, ``--seeds``,
-``--chars``, ``--threads``, ``--out``).
+``--chars``, ``--threads``, ``--out``; ``--first-seed`` and ``--merge`` to run seeds as separate
+processes and tabulate them together).
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = int(0.9 * text.numel())
     arms = ("dense", "moe") if args.arms == "both" else (args.arms,)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
+    merged: list[dict[str, Any]] = []
     if args.merge:
         merged = [json.loads(path.read_text()) for path in args.merge]
         cfg = {k: v for k, v in merged[0]["config"].items() if k in cfg}
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                    "val_bytes": text.numel() - cut},
         "runs": runs,
     }
+    if merged:
+        results["merged_from"] = [m["command"] for m in merged]
     table = [("arm", "seed", "params", "MACs/token", "train s", "val bits/char", "dropped (val)",
               "dropped (train, last 1/4)", "load CV per layer (val)")]
     for r in runs:
