@@ -11,8 +11,8 @@ Runs (in this order, two at a time, one torch thread each):
   reached (``stop_at_threshold``: the learning-rate schedule still spans 500k steps, so the run up
   to that point is the one a full run would make; it saves the CPU time after it);
 * Acrobot-v1, seed 0, adaptive and static, ``--acrobot-steps`` steps (final mean return);
-* the growth initialiser: CartPole seed 0 adaptive with ``grow_init=zero`` and ``gradmax`` (the
-  ``net2net`` run is the seed-0 adaptive run above);
+* the growth initialiser: CartPole adaptive with ``grow_init=zero`` (seed 0) and ``gradmax`` (seeds
+  0-2; the ``net2net`` runs are the adaptive runs above);
 * CartPole-v1, seeds 0-2, adaptive capped at 32-32 and growing after 20 stale updates (not 10).
 
 Target (issue 6): adaptive reaches 475 in no more steps than static (median over seeds), with a
@@ -54,8 +54,8 @@ def jobs(acrobot_steps: int, quick: bool) -> list[tuple[str, dict[str, Any]]]:
                 (f"cartpole-static-s{seed}", {**cart, "seed": seed, "arch": "static"})]
     acro = {"env": "Acrobot-v1", "total_steps": acrobot_steps, "seed": 0, "log_every": 50}
     out += [("acrobot-adaptive-s0", {**acro, "arch": "adaptive"}), ("acrobot-static-s0", {**acro, "arch": "static"})]
-    out += [(f"cartpole-adaptive-{init}-s0", {**cart, "seed": 0, "arch": "adaptive", "grow_init": init})
-            for init in ("zero", "gradmax")]
+    out += [(f"cartpole-adaptive-{init}-s{seed}", {**cart, "seed": seed, "arch": "adaptive", "grow_init": init})
+            for init, seeds in (("zero", (0,)), ("gradmax", (0, 1, 2))) for seed in seeds]
     # A capped, more patient variant: growth stops at 32-32 (a quarter of the static parameters).
     out += [(f"cartpole-adaptive-cap32-s{seed}", {**cart, "seed": seed, "arch": "adaptive", "max_width": 32,
                                                   "grow_patience": 20}) for seed in (0, 1, 2)]
@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--acrobot-steps", type=int, default=200_000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's JSON")
-    parser.add_argument("--only", default="", help="run only the runs whose name contains this")
+    parser.add_argument("--only", default="", help="run only the runs whose name contains one of these "
+                        "(comma-separated)")
     parser.add_argument("--merge", type=Path, help="add the runs of this JSON (an --only run's --out) to --out's")
     args = parser.parse_args()
     if args.merge:
@@ -181,7 +182,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     RUNS.mkdir(parents=True, exist_ok=True)
-    todo = [(name, s) for name, s in jobs(args.acrobot_steps, args.quick) if args.only in name]
+    wanted = args.only.split(",")
+    todo = [(name, s) for name, s in jobs(args.acrobot_steps, args.quick) if any(w in name for w in wanted)]
     meta = {"command": "python benchmarks/recipe_rl.py", "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "workers": args.workers,
             "threads_per_run": 1,
