@@ -134,11 +134,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     colors = {"adaptive": "tab:blue", "static": "tab:orange"}
     for ax, env in zip(axes, ("CartPole-v1", "Acrobot-v1"), strict=True):
-        chosen = [r for r in runs if r["env"] == env and (r["arch"] == "static" or r["name"].endswith(
-            ("adaptive-s0", "adaptive-s1", "adaptive-s2")))]
+        # CartPole: static against the recipe's default (gradmax, up to 64); Acrobot: its two runs.
+        chosen = [r for r in runs if r["env"] == env and (r["arch"] == "static" or env == "Acrobot-v1" or
+                                                           arm(r).endswith("gradmax max64 p10"))]
         for r in chosen:
             steps, means = zip(*r["history"], strict=True)
-            label = f"{r['arch']} ({'-'.join(map(str, r['actor_widths']))} at the end)"
+            init = f" {r['settings']['grow_init']}" if r["arch"] == "adaptive" else ""
+            label = f"{r['arch']}{init} ({'-'.join(map(str, r['actor_widths']))} at the end)"
             ax.plot(steps, means, color=colors[r["arch"]], linewidth=1, alpha=0.8,
                     label=label if r["settings"]["seed"] == 0 else None)
             for g in r["growths"]:

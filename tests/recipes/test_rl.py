@@ -33,7 +33,7 @@ def test_quick_run_grows_saves_and_reloads(tmp_path):
     first = growths[0]
     assert first["actor"]["widths_before"] == [4, 4] and first["actor"]["widths_after"] == [8, 8]
     assert first["critic"]["params_after"] > first["critic"]["params_before"]
-    for g in growths:  # net2net growth preserves both networks' outputs on the last rollout
+    for g in growths:  # growth (gradmax by default) preserves both networks' outputs on the last rollout
         assert g["actor"]["max_output_change"] <= 1e-5 and g["critic"]["max_output_change"] <= 1e-5
     assert results["actor_widths"] == growths[-1]["actor"]["widths_after"]
     assert results["optimizer_state_ok"]

@@ -60,7 +60,9 @@ class RLSettings:
     grow_min_delta: float = field(default=1.0, metadata=_help("improvement of the mean return that counts as new"))
     grow_by: int = field(default=8, metadata=_help("units added to each hidden layer of actor and critic per growth"))
     max_width: int = field(default=64, metadata=_help("no hidden layer grows beyond this"))
-    grow_init: Literal["net2net", "zero", "gradmax"] = field(default="net2net", metadata=_help(
+    # gradmax by measurement: on CartPole (3 seeds) it reached 475 at a median of 237k steps, net2net
+    # at 334k (one seed not within 500k), zero at 413k (1 seed); see docs/recipes/rl.md.
+    grow_init: Literal["net2net", "zero", "gradmax"] = field(default="gradmax", metadata=_help(
         "initialiser of new units (all exact); see docs/recipes/rl.md for the comparison"))
     grow_noise: float = field(default=0.1, metadata=_help("net2net: relative symmetry-breaking noise (exact)"))
     lr: float = field(default=2.5e-4, metadata=_help("Adam learning rate (eps 1e-5)"))
