@@ -22,7 +22,8 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-# Multi-process (gloo) tests run separately: torch 2.13 + gloo occasionally aborts a rank at exit.
+# Multi-process tests (2-3 gloo ranks launched by torchrun, kills and restarts) run separately: they take
+# minutes and depend on the machine's ports and load; CI runs the single-process suite.
 test: venv lint
 	$(BIN)/pytest -q -m "not slow and not distributed"
 

@@ -36,6 +36,8 @@ class Toy:
 
 
 def _run(settings: Toy, out: Path) -> dict[str, Any]:
+    if settings.mode == "b":
+        raise RuntimeError("the toy fails in mode b")
     (out / "trace.txt").write_text(f"{settings.steps} {settings.hidden}\n")
     return {"final": settings.steps * settings.lr, "hidden": list(settings.hidden)}
 
@@ -94,3 +96,9 @@ def test_cli(toy, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("adaptnet: error:") and message in err and "Traceback" not in err
+
+
+def test_a_failed_run_leaves_no_empty_folder(toy, tmp_path):
+    with pytest.raises(RuntimeError, match="fails in mode b"):
+        run_recipe("toy", {"mode": "b"}, out=tmp_path / "failed")
+    assert not (tmp_path / "failed").exists()

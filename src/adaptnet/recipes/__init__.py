@@ -207,7 +207,13 @@ def run_recipe(name: str, settings: Mapping[str, Any] | None = None, out: str | 
     (folder / SETTINGS).write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in plain.items()}, sort_keys=False))
     began = time.perf_counter()
-    results = dict(recipe.run(chosen, folder))
+    try:
+        results = dict(recipe.run(chosen, folder))
+    except BaseException:
+        if [p.name for p in folder.iterdir()] == [SETTINGS]:  # nothing but our own file: leave no trace
+            (folder / SETTINGS).unlink()
+            folder.rmdir()
+        raise
     results = {"recipe": name, "out": str(folder), "settings": plain, **results,
                "wall_s": round(time.perf_counter() - began, 2)}
     (folder / RESULTS).write_text(json.dumps(results, indent=2, default=list) + "\n")
