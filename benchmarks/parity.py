@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per model and split (default 10)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (default 0)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (default 2)")
     parser.add_argument("--split", choices=[*SPLITS, "all"], default="all")
     parser.add_argument("--model", choices=["pondernet", "act", "all"], default="all")
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     models = ["pondernet", "act"] if args.model == "all" else [args.model]
     splits = list(SPLITS) if args.split == "all" else [args.split]
     # seed-major: if the run is cut short, every model and split has its first seeds
-    jobs = [(model, split, seed, config) for seed in range(seeds) for model in models for split in splits]
+    jobs = [(model, split, seed, config) for seed in range(args.first_seed, args.first_seed + seeds)
+            for model in models for split in splits]
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
