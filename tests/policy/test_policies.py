@@ -75,6 +75,26 @@ def test_grow_on_signal_fires_only_when_new_units_would_learn_faster() -> None:
     assert request.op == "widen" and request.init == "gradmax" and "faster per parameter" in request.reason
 
 
+def test_grow_on_signal_also_grows_on_a_plateau_unless_turned_off() -> None:
+    model = an.AdaptiveMLP(6, [2], 1)
+    fallback = an.GrowOnSignal(threshold=1e9, by=2, patience=2, cooldown=1)
+    never = an.GrowOnSignal(threshold=1e9, by=2, patience=None)
+    losses = [1.0, 1.0, 1.0]  # the first value is an improvement, then 2 epochs without one
+    for epoch in range(1, 3):
+        assert fallback.decide(_signals(model, losses[:epoch], epoch)) == []
+        assert never.decide(_signals(model, losses[:epoch], epoch)) == []
+    [request] = fallback.decide(_signals(model, losses, 3))
+    assert "no improvement for 2 epochs (signal below" in request.reason
+    assert never.decide(_signals(model, losses, 3)) == []
+    # The plateau counts during the cooldown, and the state round-trips.
+    restored = an.GrowOnSignal(threshold=1e9, by=2, patience=2, cooldown=1)
+    restored.load_state_dict(fallback.state_dict())
+    assert restored.state_dict() == fallback.state_dict()
+    assert restored.decide(_signals(model, [*losses, 1.0], 4)) == []  # cooling down
+    [again] = restored.decide(_signals(model, [*losses, 1.0, 1.0], 5))
+    assert "no improvement" in again.reason
+
+
 def test_deepen_on_plateau_and_max_layers() -> None:
     model = an.AdaptiveMLP(6, [4], 1)
     policy = an.DeepenOnPlateau(patience=1, max_layers=2)
