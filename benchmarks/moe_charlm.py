@@ -49,7 +49,7 @@ from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.moe import MoE
 
 DEFAULT_OUT = RESULTS / "moe_charlm.json"
-FULL = {"chars": 1_200_000, "steps": 500, "batch": 32, "context": 64, "dim": 128, "hidden": 256, "layers": 2,
+FULL = {"chars": 1_200_000, "steps": 1500, "batch": 32, "context": 64, "dim": 128, "hidden": 256, "layers": 2,
         "heads": 4, "experts": 8, "lr": 3e-3, "warmup": 50, "eval_batches": None, "aux_loss_coef": 1e-2}
 QUICK = {**FULL, "chars": 200_000, "steps": 60, "eval_batches": 4, "warmup": 10}
 CAPACITY_FACTOR = 1.25
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 200k chars, 60 steps")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds (default 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="train nothing: tabulate the runs of these JSON files (seeds run as separate processes)")
