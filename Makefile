@@ -32,6 +32,7 @@ test-distributed: venv
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/pip install -q --no-deps labml-nn==0.5.1 pytorch-adaptive-computation-time==0.1.3
 	$(BIN)/python benchmarks/edit_overhead.py
 
 clean:

@@ -1,16 +1,15 @@
 """MoE against lucidrains' ``mixture-of-experts`` (the peer in ``benchmarks/moe.py``): holding the
 same weights, with the same number of slots per expert, both route, drop and compute the same
-thing. Skipped where the peer is not installed (``pip install mixture-of-experts``)."""
+thing. The peer is installed with the dev tools (``pip install -e '.[dev]'``)."""
 
 from __future__ import annotations
 
+import mixture_of_experts as peer
 import pytest
 import torch
 from torch import nn
 
 from adaptnet.nn.moe import MoE
-
-peer = pytest.importorskip("mixture_of_experts")
 
 
 def _pair(experts: int, factor: float) -> tuple[nn.Module, MoE]:
