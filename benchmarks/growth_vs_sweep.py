@@ -74,16 +74,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                 **_STOP, "data": {"turns": 3.0, "noise": 0.5}},
 }
 
-# Growth arms per task. "growth" is what ``--select`` chose on the selection seeds' validation data;
-# "growth+fallback" (spirals) was added after the first full run, where one seed never grew (see
-# docs/benchmarks.md): it is the same signal trigger with a plateau trigger beside it.
+# Growth arms per task: what ``--select`` chose on the selection seeds' validation data.
+# ``GrowOnSignal`` also grows after 10 epochs without improvement (its default ``patience``).
 _BASE = {"by": 8, "init": "zero", "start": 4, "max_width": 128}
 GROWTH: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {"growth": {"policy": "signal", "threshold": 0.3, "cooldown": 3, **_BASE, "init": "gradmax"}},
-    "teacher": {"growth": {"policy": "signal", "threshold": 0.1, "cooldown": 3, **_BASE}},
-    "spirals": {"growth": {"policy": "signal", "threshold": 0.2, "cooldown": 5, **_BASE},
-                "growth+fallback": {"policy": "signal", "threshold": 0.2, "cooldown": 5, "fallback_patience": 10,
-                                    **_BASE}},
+    "teacher": {"growth": {"policy": "signal", "threshold": 0.1, "cooldown": 5, **_BASE}},
+    "spirals": {"growth": {"policy": "signal", "threshold": 0.5, "cooldown": 3, **_BASE}},
 }
 
 
@@ -217,8 +214,6 @@ def make_policies(g: Mapping[str, Any]) -> list[Any]:
                                     cooldown=g.get("cooldown", 0), **budget)]
     else:
         raise ValueError(f"unknown growth policy {g['policy']!r}")
-    if "fallback_patience" in g:  # a plateau trigger beside the signal, for runs the signal never fires on
-        policies.append(an.GrowOnPlateau(patience=g["fallback_patience"], by=g["by"], init=g["init"], **budget))
     return policies
 
 
@@ -370,8 +365,6 @@ SELECT_GRID: list[dict[str, Any]] = [
     *({"policy": "signal", "threshold": t, "cooldown": c, "by": 8, "init": "zero", "start": 4, "max_width": 128}
       for t in (0.05, 0.1, 0.2, 0.3, 0.5) for c in (3, 5)),
     {"policy": "signal", "threshold": 0.3, "cooldown": 3, "by": 8, "init": "gradmax", "start": 4, "max_width": 128},
-    *({"policy": "signal", "threshold": t, "cooldown": 5, "fallback_patience": 10, "by": 8, "init": "zero",
-       "start": 4, "max_width": 128} for t in (0.1, 0.2, 0.3)),
 ]
 TIE = {"classification": 0.25, "regression": 0.01}  # validation differences below these count as ties
 
