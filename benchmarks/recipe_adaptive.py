@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +28,7 @@ from typing import Any
 
 import torch
 
-import adaptnet as an
+from _teacher_student import machine_info, write_json
 from adaptnet.recipes import run_recipe
 from adaptnet.recipes.adaptive import BUILTIN_DATA, metric
 
@@ -123,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(1)
     began = time.perf_counter()
-    machine = {"torch": torch.__version__, "adaptnet": an.__version__, "python": platform.python_version(),
-               "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1}
+    machine = machine_info(1)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = args.runs or Path(tmp)
@@ -137,17 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"FLOPs {100 * r['flops_share']:.1f}% of the sweep, {r['wall_s']:.0f} s", flush=True)
                 summary = {d: summarise([r for r in rows if r["data"] == d]) for d in args.data
                            if any(r["data"] == d for r in rows)}
-                _write(args.out, {"machine": machine, "quick": args.quick, "seeds": args.seeds,
-                                  "seconds": time.perf_counter() - began, "summary": summary, "runs": rows})
+                write_json({"machine": machine, "quick": args.quick, "seeds": args.seeds,
+                                  "seconds": time.perf_counter() - began, "summary": summary, "runs": rows}, args.out)
     print("\n" + table(summary))
     print(f"\n{len(rows)} recipe runs in {time.perf_counter() - began:.0f} s; wrote {args.out}")
     return 0
 
-
-def _write(path: Path, data: Mapping[str, Any]) -> None:
-    """Written after every run (an interrupted benchmark keeps what it measured)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

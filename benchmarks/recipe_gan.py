@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +30,7 @@ from typing import Any
 
 import torch
 
-import adaptnet as an
+from _teacher_student import machine_info, write_json
 from adaptnet.recipes import run_recipe
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "recipe_gan.json"
@@ -113,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(1)
     began = time.perf_counter()
-    machine = {"torch": torch.__version__, "adaptnet": an.__version__, "python": platform.python_version(),
-               "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1}
+    machine = machine_info(1)
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,17 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{b} {r['static']['last_quarter'][b]:.3f} (last-quarter means), {r['wall_s']:.0f} s", flush=True)
                 summary = {t: summarise([x for x in rows if x["task"] == t]) for t in args.tasks
                            if any(x["task"] == t for x in rows)}
-                _write(args.out, {"machine": machine, "quick": args.quick, "seeds": args.seeds,
-                                  "seconds": time.perf_counter() - began, "summary": summary, "runs": rows})
+                write_json({"machine": machine, "quick": args.quick, "seeds": args.seeds,
+                                  "seconds": time.perf_counter() - began, "summary": summary, "runs": rows}, args.out)
     print("\n" + table(summary))
     print(f"{len(rows)} recipe runs in {time.perf_counter() - began:.0f} s; wrote {args.out}")
     return 0
 
-
-def _write(path: Path, data: Mapping[str, Any]) -> None:
-    """Written after every run (an interrupted benchmark keeps what it measured)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
