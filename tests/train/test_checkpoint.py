@@ -345,6 +345,22 @@ def test_manager_keeps_the_last_checkpoints(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, keep_last=0)
 
 
+def test_manager_removes_what_a_crash_left_behind(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpts")
+    model = an.AdaptiveMLP(3, [4], 2)
+    manager.save(1, model)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    leftovers = [f".step-00000002.tmp-{int(dead.stdout)}-0a1b2c3d", ".step-00000000.deleting-0a1b2c3d"]
+    live = f".step-00000003.tmp-{os.getpid()}-0a1b2c3d"  # a save in progress in a live process
+    for name in [*leftovers, live]:
+        (tmp_path / "ckpts" / name).mkdir()
+        (tmp_path / "ckpts" / name / "model.safetensors").write_bytes(b"half")
+    assert manager.latest() == manager.path(1)  # never picked up
+    manager.save(4, model)
+    assert sorted(os.listdir(tmp_path / "ckpts")) == [live, "step-00000001", "step-00000004"]
+
+
 # -- damaged and foreign checkpoints -------------------------------------------------------------
 
 

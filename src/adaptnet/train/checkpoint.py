@@ -330,11 +330,26 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         state.setdefault("step", step)
         path = save(self.path(step), model, optimizer, scheduler, **state)
+        self._remove_leftovers()
         if self.keep_last is not None:
             others = [p for p in self.all() if p.name != path.name]
             for old in others[: max(0, len(others) + 1 - self.keep_last)]:
                 _remove(old)
         return path
+
+    _LEFTOVER = re.compile(r"\.step-\d+\.(?:tmp-(\d+)-[0-9a-f]+|deleting-[0-9a-f]+)")
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crash left behind: half-written temp folders of processes that are gone, and
+        folders renamed for deletion. ``latest()`` never picks them up; this only frees the disk."""
+        for p in self.directory.iterdir():
+            match = self._LEFTOVER.fullmatch(p.name)
+            if match is None or not p.is_dir():
+                continue
+            if match.group(1) is not None and _alive(int(match.group(1))):
+                continue  # another process may be writing it right now
+            shutil.rmtree(p, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save or prune", p)
 
     def all(self) -> list[Path]:
         """Every checkpoint folder in the directory, by increasing step."""
@@ -347,6 +362,19 @@ class CheckpointManager:
         """The checkpoint with the highest step, or None when there is none."""
         paths = self.all()
         return paths[-1] if paths else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _remove(folder: Path) -> None:
