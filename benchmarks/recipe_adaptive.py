@@ -17,7 +17,6 @@ recipe's quick settings, ``--out``, ``--runs DIR`` to keep the run folders). One
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from _teacher_student import machine_info, write_json
-from adaptnet.recipes import run_recipe
+from adaptnet.recipes import run_recipe, show_progress
 from adaptnet.recipes.adaptive import BUILTIN_DATA, metric
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "recipe_adaptive.json"
@@ -39,7 +38,7 @@ def one(data: str, seed: int, runs: Path, quick: bool) -> dict[str, Any]:
     """One recipe run (its printed progress goes to ``log.txt`` in its folder); the row we keep."""
     out = runs / f"{data}-seed{seed}"
     out.mkdir(parents=True)
-    with (out / "log.txt").open("w") as log, contextlib.redirect_stdout(log):
+    with (out / "log.txt").open("w") as log, show_progress(log):
         r = run_recipe("adaptive", {"data": data, "seed": seed}, out=out / "recipe", quick=quick)
     task, a = r["task"], r["adaptive"]
     static = {tuple(x["widths"]): x for x in r["static"]}

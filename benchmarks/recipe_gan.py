@@ -19,7 +19,6 @@ the recipe's quick settings, ``--out``, ``--runs DIR`` to keep the run folders).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from _teacher_student import machine_info, write_json
-from adaptnet.recipes import run_recipe
+from adaptnet.recipes import run_recipe, show_progress
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "recipe_gan.json"
 METRICS = {"ring": ("modes", "quality"), "digits": ("confident", "balance")}
@@ -41,7 +40,7 @@ def one(task: str, seed: int, runs: Path, quick: bool) -> dict[str, Any]:
     """One recipe run (its printed progress goes to ``log.txt`` in its folder); the row we keep."""
     out = runs / f"{task}-seed{seed}"
     out.mkdir(parents=True)
-    with (out / "log.txt").open("w") as log, contextlib.redirect_stdout(log):
+    with (out / "log.txt").open("w") as log, show_progress(log):
         r = run_recipe("gan", {"task": task, "seed": seed}, out=out / "recipe", quick=quick)
     row: dict[str, Any] = {"task": task, "seed": seed, "wall_s": r["wall_s"], "folder": str(out / "recipe")}
     for name, run in r["runs"].items():

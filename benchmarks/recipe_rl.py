@@ -30,7 +30,6 @@ after every finished run, and ``docs/recipes/img/rl_cartpole.png``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
 import platform
@@ -71,12 +70,12 @@ def jobs(acrobot_steps: int, quick: bool) -> list[tuple[str, dict[str, Any]]]:
 def one(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """Run one recipe run in this worker process, its progress going to ``RUNS/NAME.log``."""
     torch.set_num_threads(1)
-    from adaptnet.recipes import run_recipe
+    from adaptnet.recipes import run_recipe, show_progress
 
     name, settings = job
     folder = RUNS / name
     shutil.rmtree(folder, ignore_errors=True)
-    with open(RUNS / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
+    with open(RUNS / f"{name}.log", "w") as log, show_progress(log):
         result = run_recipe("rl", settings, out=folder)
     history = result.pop("history")
     result["history"] = history[::4] + ([history[-1]] if len(history) % 4 != 1 else [])  # every 4th update

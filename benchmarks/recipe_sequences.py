@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from _teacher_student import RESULTS, machine_info, render, write_json
-from adaptnet.recipes import run_recipe
+from adaptnet.recipes import run_recipe, show_progress
 from adaptnet.recipes.sequences import SequenceSettings
 
 DEFAULT_OUT = RESULTS / "recipe_sequences.json"
@@ -82,7 +82,7 @@ def main() -> None:
 
     began = time.perf_counter()
     results: dict[str, Any] = {"benchmark": "recipe_sequences", "machine": machine_info(1), "tasks": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, show_progress():
         for task in args.tasks:
             runs = []
             for seed in args.seeds:

@@ -16,6 +16,7 @@ from adaptnet.recipes import (
     read_settings_file,
     recipe_names,
     run_recipe,
+    show_progress,
 )
 
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 line = f"{key}: {_yaml_scalar(value)}"
                 print(f"{line:<40}# {help_text}" if help_text else line)
             return 0
-        results = run_recipe(args.name, values, out=args.out, quick=args.quick)
+        with show_progress():
+            results = run_recipe(args.name, values, out=args.out, quick=args.quick)
     except RecipeError as err:
         raise CLIError(str(err)) from None
     print(f"\nresults, settings and plots in {results['out']} ({results['wall_s']:.0f} s)")

@@ -7,6 +7,10 @@ runs in well under a minute (the CI smoke test, and ``adaptnet recipe NAME --qui
 returns a JSON-able summary. ``adaptnet recipe NAME key=value ...`` runs one; ``run_recipe`` is the
 same from Python.
 
+Recipes report their progress (epoch lines, edits, the final table) with ``say``, on the logger
+``adaptnet.recipes`` at INFO: ``adaptnet recipe`` shows it on stdout, ``show_progress()`` does the
+same from Python, and a library user who does neither gets no output.
+
 Recipe modules are imported only when listed or run, so an optional dependency (gymnasium for
 ``rl``) is needed only by the recipe that uses it; ``Recipe.requires`` names it so that a
 missing one is reported as one line with the install command.
@@ -18,10 +22,13 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
+import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,39 @@ import yaml
 # The recipes that ship with adaptnet, in the order `adaptnet recipe --list` shows them.
 BUILTIN = ("adaptive", "rl", "gan", "sequences")
 SETTINGS, RESULTS = "settings.yaml", "results.json"
+
+
+progress = logging.getLogger(__name__)
+
+
+def say(text: str) -> None:
+    """A line of a recipe's progress report (see ``show_progress``)."""
+    progress.info(text)
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is when a line is logged (a caller may have replaced it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+@contextmanager
+def show_progress(stream: Any = None) -> Iterator[None]:
+    """Within the block, recipes' progress lines go to ``stream`` (default stdout), as they are."""
+    handler = logging.StreamHandler(stream) if stream is not None else _Stdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = progress.level, progress.propagate
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(saved[0])
+        progress.propagate = saved[1]
 
 
 class RecipeError(ValueError):

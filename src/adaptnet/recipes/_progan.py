@@ -20,6 +20,7 @@ handle them like the built-in adaptive models (import this module before ``load`
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ def _check(latent: int, hidden: int, resolution: int, alpha: float) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
 
 
-class _Progressive(nn.Module):
+class _Progressive(nn.Module, abc.ABC):
     """What both networks share: resolution, fade-in ``alpha``, spec, and growth with the optimizer."""
 
     block8: nn.Module | None
@@ -58,8 +59,9 @@ class _Progressive(nn.Module):
         self.latent, self.hidden = latent, hidden
         self.resolution, self.alpha = 4, 1.0
 
+    @abc.abstractmethod
     def _add_block(self) -> None:
-        raise NotImplementedError
+        """Build the 8x8 block and its 4x4-to-8x8 skip path (what ``grow`` adds)."""
 
     def _start(self, resolution: int, alpha: float) -> None:
         """Built grown (the static baseline, or from a spec): the 8x8 block exists from the start."""

@@ -40,7 +40,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from adaptnet.edit import IMPORTANCES, INITS, Edit
 from adaptnet.nn import AdaptiveMLP, count_macs
 from adaptnet.policy import GrowOnPlateau, PruneToBudget
-from adaptnet.recipes import Recipe
+from adaptnet.recipes import Recipe, say
 from adaptnet.train.build import evaluate, loss_and_metrics
 from adaptnet.train.callbacks import Callback
 from adaptnet.train.data import DataError, Splits, load_data, read_csv
@@ -165,10 +165,10 @@ class Progress(Callback):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch % self.every == 0 or epoch == 1 or self.edits:
-            print(f"  epoch {epoch:3d}  train {metrics['train_loss']:.4f}  val {metrics['val_loss']:.4f}  "
-                  f"widths {metrics['widths']}  params {metrics['params']}", flush=True)
+            say(f"  epoch {epoch:3d}  train {metrics['train_loss']:.4f}  val {metrics['val_loss']:.4f}  "
+                  f"widths {metrics['widths']}  params {metrics['params']}")
         for line in self.edits:
-            print(line, flush=True)
+            say(line)
         self.edits = []
 
     def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
@@ -219,15 +219,15 @@ def run_adaptive(s: AdaptiveSettings, splits: Splits, run_dir: Path) -> dict[str
     grow = GrowOnPlateau(patience=s.patience, min_delta=s.min_delta, by=s.by, where="gradient", init=s.init,
                          max_width=s.max_width, monitor=s.monitor)
     trainer.policies = [grow]
-    print(f"grow: epochs 1-{s.prune_at}, from widths {list(s.start)} ({sum(p.numel() for p in model.parameters())} "
+    say(f"grow: epochs 1-{s.prune_at}, from widths {list(s.start)} ({sum(p.numel() for p in model.parameters())} "
           f"params), by {s.by} units ({s.init}) when {s.monitor} has not improved by {s.min_delta:g} for "
-          f"{s.patience} epoch(s)", flush=True)
+          f"{s.patience} epoch(s)")
     trainer.fit(*loaders(splits, s), epochs=s.prune_at)
     peak_widths, peak = list(model.widths), sum(p.numel() for p in model.parameters())
     start_params = mlp_params(info.in_features, s.start, info.out_features)
     budget = s.budget if s.budget is not None else max(start_params, peak // 2)
-    print(f"prune and fine-tune: epochs {s.prune_at + 1}-{s.epochs}, {peak} params -> at most {budget} "
-          f"({s.importance} importance, at most {s.prune_amount:.0%} of a layer per epoch)", flush=True)
+    say(f"prune and fine-tune: epochs {s.prune_at + 1}-{s.epochs}, {peak} params -> at most {budget} "
+          f"({s.importance} importance, at most {s.prune_amount:.0%} of a layer per epoch)")
     trainer.policies = [PruneToBudget(target_params=budget, amount=s.prune_amount, importance=s.importance)]
     trainer.fit(*loaders(splits, s), epochs=s.epochs)
     events = [e for e in read_events(run_dir) if e.get("op") != "rollback"]
@@ -263,17 +263,17 @@ def run(s: AdaptiveSettings, out: Path) -> dict[str, Any]:
     info = splits.info
     assert splits.val is not None and splits.test is not None
     rows = {k: len(p[0]) for k, p in (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    print(f"data: {info.name} ({info.task}, {info.in_features} features -> {info.out_features} outputs; "
+    say(f"data: {info.name} ({info.task}, {info.in_features} features -> {info.out_features} outputs; "
           f"{rows['train']}/{rows['val']}/{rows['test']} train/val/test rows), Adam lr {s.lr:g}, batch {s.batch}, "
-          f"{s.epochs} epochs for every network", flush=True)
+          f"{s.epochs} epochs for every network")
     adaptive = run_adaptive(s, splits, out / RUN_DIR)
-    print(f"static sweep: widths {list(s.sweep)} x {len(s.start)} layer(s)", flush=True)
+    say(f"static sweep: widths {list(s.sweep)} x {len(s.start)} layer(s)")
     static = []
     for width in s.sweep:
         static.append(run_static(s, splits, width))
         r = static[-1]
-        print(f"  width {width:4d}  params {r['params']:7d}  val {metric(r['val'], info.task):8.4f}  "
-              f"test {metric(r['test'], info.task):8.4f}", flush=True)
+        say(f"  width {width:4d}  params {r['params']:7d}  val {metric(r['val'], info.task):8.4f}  "
+              f"test {metric(r['test'], info.task):8.4f}")
     chosen = best(static, info.task)
     within = best([r for r in static if r["params"] <= adaptive["budget"]], info.task)
     sweep_flops = sum(r["train_flops"] for r in static)
@@ -289,7 +289,7 @@ def run(s: AdaptiveSettings, out: Path) -> dict[str, Any]:
     }
     plot(out / PLOT, adaptive, static, read_events(out / RUN_DIR), info.task, s,
          f"{info.name}, seed {s.seed}, {s.epochs} epochs")
-    print(table(results), flush=True)
+    say(table(results))
     return results
 
 

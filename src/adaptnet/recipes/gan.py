@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptnet as an
-from adaptnet.recipes import Recipe
+from adaptnet.recipes import Recipe, say
 from adaptnet.recipes._gan_plots import plot_curves, plot_digit_grid, plot_ring
 from adaptnet.recipes._progan import ProDiscriminator, ProGenerator, digits_data
 
@@ -159,7 +159,7 @@ def _ring_nets(latent: int, width: int) -> tuple[an.AdaptiveMLP, an.AdaptiveMLP]
     return g, d
 
 
-def train_ring(s: GanSettings, width: int, grow: bool, log: Any = print) -> dict[str, Any]:
+def train_ring(s: GanSettings, width: int, grow: bool, log: Any = say) -> dict[str, Any]:
     """Train the ring GAN from hidden width ``width`` (growing when ``grow``); the run's record.
 
     The data, noise and edit generators are seeded from ``s.seed`` alone, so the adaptive and
@@ -240,12 +240,12 @@ def _ring_summary(run: dict[str, Any]) -> dict[str, Any]:
 def run_ring(s: GanSettings, out: Path) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     if s.arch == "adaptive":
-        print(f"== ring, adaptive: G and D {s.latent}->[{s.start_width},{s.start_width}], widen by {s.grow_by} "
+        say(f"== ring, adaptive: G and D {s.latent}->[{s.start_width},{s.start_width}], widen by {s.grow_by} "
               f"after {s.patience} evaluations without gain, up to {s.max_width} ==")
         runs["adaptive"] = train_ring(s, s.start_width, grow=True)
     if s.arch == "static" or s.compare:
         width = runs["adaptive"]["widths"][0] if "adaptive" in runs else s.max_width
-        print(f"== ring, static: G and D at the final width {width} throughout ==")
+        say(f"== ring, static: G and D at the final width {width} throughout ==")
         runs["static"] = train_ring(s, width, grow=False)
     for name, r in runs.items():
         an.save(out / f"generator_{name}", r["g"], optimizer=r["opt_g"])
@@ -286,7 +286,7 @@ def digit_scores(clf: Any, images: torch.Tensor) -> dict[str, float]:
             "balance": float(entropy / math.log(10))}
 
 
-def train_digits(s: GanSettings, clf: Any, progressive: bool, log: Any = print) -> dict[str, Any]:
+def train_digits(s: GanSettings, clf: Any, progressive: bool, log: Any = say) -> dict[str, Any]:
     """Train the digits GAN progressively (4x4, fade, 8x8) or statically at 8x8; the run's record."""
     torch.manual_seed(s.seed)
     start = 4 if progressive else 8
@@ -335,15 +335,15 @@ def train_digits(s: GanSettings, clf: Any, progressive: bool, log: Any = print) 
 
 def run_digits(s: GanSettings, out: Path) -> dict[str, Any]:
     clf, reference = digit_classifier(s.seed)
-    print(f"== digits: logistic regression on 80% of the real digits: held-out accuracy {reference['accuracy']:.3f}, "
+    say(f"== digits: logistic regression on 80% of the real digits: held-out accuracy {reference['accuracy']:.3f}, "
           f"confident {reference['confident']:.3f}, balance {reference['balance']:.3f} ==")
     runs: dict[str, dict[str, Any]] = {}
     if s.arch == "adaptive":
-        print(f"== digits, progressive: 4x4 for {s.grow_at:.0%} of {s.total_steps} steps, then 8x8 faded in "
+        say(f"== digits, progressive: 4x4 for {s.grow_at:.0%} of {s.total_steps} steps, then 8x8 faded in "
               f"over {s.fade:.0%} ==")
         runs["adaptive"] = train_digits(s, clf, progressive=True)
     if s.arch == "static" or s.compare:
-        print("== digits, static: the same networks at 8x8 throughout ==")
+        say("== digits, static: the same networks at 8x8 throughout ==")
         runs["static"] = train_digits(s, clf, progressive=False)
     for name, r in runs.items():
         an.save(out / f"generator_{name}", r["g"], optimizer=r["opt_g"])
@@ -360,11 +360,11 @@ def run_digits(s: GanSettings, out: Path) -> dict[str, Any]:
 
 def _print_table(runs: dict[str, dict[str, Any]], metrics: tuple[str, str]) -> None:
     a, b = metrics
-    print(f"\n  {'network':<10}{'params G+D':>11}{'final ' + a:>16}{'final ' + b:>16}"
+    say(f"\n  {'network':<10}{'params G+D':>11}{'final ' + a:>16}{'final ' + b:>16}"
           f"{'last-1/4 ' + a:>20}{'last-1/4 ' + b:>20}{'CPU s':>8}")
     for name, r in runs.items():
         f, q = r["final"], r["last_quarter"]
-        print(f"  {name:<10}{r['params_g'] + r['params_d']:>11}{f[a]:>16.3f}{f[b]:>16.3f}{q[a]:>20.3f}"
+        say(f"  {name:<10}{r['params_g'] + r['params_d']:>11}{f[a]:>16.3f}{f[b]:>16.3f}{q[a]:>20.3f}"
               f"{q[b]:>20.3f}{r['cpu_s']:>8.1f}")
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptnet as an
-from adaptnet.recipes import Recipe
+from adaptnet.recipes import Recipe, say
 
 ENVS = ("CartPole-v1", "Acrobot-v1")
 THRESHOLD = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0}  # gymnasium's reward_threshold for each
@@ -128,10 +128,6 @@ QUICK = {"total_steps": 8192, "start_hidden": (4, 4), "grow_patience": 2, "grow_
          "grow_by": 4, "max_width": 12, "eval_episodes": 3, "log_every": 4}
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
 # -- growth ----------------------------------------------------------------------------------------------
 class Grower:
     """Watches the 100-episode mean return and widens actor and critic when it plateaus."""
@@ -212,7 +208,7 @@ def train(s: RLSettings, out: Path) -> dict[str, Any]:
     history: list[tuple[int, float]] = []  # (env step, 100-episode mean) after each update
     growths: list[dict[str, Any]] = []
     reached: int | None = None
-    _say(f"== {s.env}, {s.arch} PPO, {updates} updates of {batch} steps, seed {s.seed}, "
+    say(f"== {s.env}, {s.arch} PPO, {updates} updates of {batch} steps, seed {s.seed}, "
          f"widths {agent.actor.widths}{f' (grows on plateau, max {s.max_width})' if grower else ''} ==")
     began = time.perf_counter()
     for update in range(1, updates + 1):
@@ -227,21 +223,21 @@ def train(s: RLSettings, out: Path) -> dict[str, Any]:
             history.append((step, mean))
             if reached is None and len(recent) == WINDOW and mean >= THRESHOLD[s.env]:
                 reached = step
-                _say(f"  step {step:>7}  100-episode mean {mean:.1f} reached {THRESHOLD[s.env]:g}")
+                say(f"  step {step:>7}  100-episode mean {mean:.1f} reached {THRESHOLD[s.env]:g}")
                 if s.stop_at_threshold:
                     break
         # Growth comes after the update, between two optimizer steps, as every edit must.
         if grower is not None and grower.plateaued(mean) and (event := grower.grow(agent, opt, ro)) is not None:
             growths.append({"step": step, "update": update, "mean_return": mean, **event})
             a, c = event["actor"], event["critic"]
-            _say(f"  step {step:>7}  >> grow (plateau at {mean:.1f}, {s.grow_init}): widths {a['widths_before']} -> "
+            say(f"  step {step:>7}  >> grow (plateau at {mean:.1f}, {s.grow_init}): widths {a['widths_before']} -> "
                  f"{a['widths_after']}, params {a['params_before'] + c['params_before']} -> "
                  f"{a['params_after'] + c['params_after']}, output change actor {a['max_output_change']:.1e} "
                  f"critic {c['max_output_change']:.1e}")
         if update % s.log_every == 0 or update == updates:
             sps = step / (time.perf_counter() - began)
             shown = "-" if mean is None else f"{mean:.1f}"
-            _say(f"  step {step:>7}  mean return {shown:>6} ({len(episodes)} episodes)  widths {agent.actor.widths}  "
+            say(f"  step {step:>7}  mean return {shown:>6} ({len(episodes)} episodes)  widths {agent.actor.widths}  "
                  f"entropy {stats['entropy']:.3f}  {sps:.0f} steps/s")
     seconds = time.perf_counter() - began
     envs.close()
@@ -314,7 +310,7 @@ def run(s: RLSettings, out: Path) -> dict[str, Any]:
     """Train (or, with ``evaluate=PATH``, only evaluate) and return the results for ``results.json``."""
     if s.evaluate is not None:
         result = evaluate(s.evaluate, s.eval_episodes, s.seed)
-        _say(f"{s.evaluate}: {result['env']}, widths {result['widths']}: mean return {result['mean_return']:.1f} "
+        say(f"{s.evaluate}: {result['env']}, widths {result['widths']}: mean return {result['mean_return']:.1f} "
              f"over {s.eval_episodes} greedy episodes")
         return {"evaluation": result}
     # Networks of at most a few thousand parameters, stepped one small batch at a time: one intra-op
@@ -328,11 +324,11 @@ def run(s: RLSettings, out: Path) -> dict[str, Any]:
     if s.eval_episodes:
         results["evaluation"] = evaluate(out / "agent", s.eval_episodes, s.seed + 10_000)
     steps = results["steps_to_threshold"]
-    _say(f"\n  reached {THRESHOLD[s.env]:g}: {'never' if steps is None else f'at step {steps}'};  final mean return "
+    say(f"\n  reached {THRESHOLD[s.env]:g}: {'never' if steps is None else f'at step {steps}'};  final mean return "
          f"{results['final_mean_return']};  widths {results['actor_widths']}, {results['params']} params;  "
          f"{results['env_steps_per_s']:.0f} env steps/s;  {len(results['growths'])} growths")
     if s.eval_episodes:
-        _say(f"  reloaded agent/ with adaptnet.load: mean return {results['evaluation']['mean_return']:.1f} "
+        say(f"  reloaded agent/ with adaptnet.load: mean return {results['evaluation']['mean_return']:.1f} "
              f"over {s.eval_episodes} greedy episodes")
     return results
 

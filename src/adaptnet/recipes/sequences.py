@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from adaptnet.nn.halting import PonderNet, RecurrentStep
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.sequences import PerToken, lengths_to_mask
-from adaptnet.recipes import Recipe
+from adaptnet.recipes import Recipe, say
 from adaptnet.recipes._seqdata import CLASSES, FEATURES, TASKS, sample, tokens
 from adaptnet.train.checkpoint import save
 
@@ -121,8 +121,8 @@ def train(model: PerToken, settings: SequenceSettings) -> list[dict[str, float]]
         if step % settings.log_every == 0 or step == settings.steps:
             loss_avg, acc_avg = (sum(v) / len(window) for v in zip(*window, strict=True))
             curve.append({"step": step, "loss": round(loss_avg, 5), "train_accuracy": round(acc_avg, 4)})
-            print(f"  step {step:5d}/{settings.steps}  loss {loss_avg:.4f}  train acc {acc_avg:.3f}  "
-                  f"({time.perf_counter() - began:.0f} s)", flush=True)
+            say(f"  step {step:5d}/{settings.steps}  loss {loss_avg:.4f}  train acc {acc_avg:.3f}  "
+                  f"({time.perf_counter() - began:.0f} s)")
             window = []
     return curve
 
@@ -207,16 +207,16 @@ def _run(settings: SequenceSettings, out: Path) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     model = build_model(settings)
     params = sum(p.numel() for p in model.parameters())
-    print(f"== {settings.task}: per-token PonderNet (GRU {settings.hidden}, up to {settings.max_ponder} ponder steps, "
+    say(f"== {settings.task}: per-token PonderNet (GRU {settings.hidden}, up to {settings.max_ponder} ponder steps, "
           f"{params} parameters), lengths {settings.train_min_len}..{settings.train_max_len}, "
           f"{settings.steps} steps of {settings.batch} ==")
     began = time.perf_counter()
     curve = train(model, settings)
     train_s = time.perf_counter() - began
     table = evaluate(model, settings)
-    print(f"\n== test: {settings.test_size} sequences per length, mixed-length batches, halting at the median ==")
+    say(f"\n== test: {settings.test_size} sequences per length, mixed-length batches, halting at the median ==")
     for line in render_table(table):
-        print(line)
+        say(line)
     seen = [r["accuracy"] for r in table if r["seen_in_training"]]
     beyond = [r["accuracy"] for r in table if r["length"] > settings.train_max_len]
     save(out / "model", model)  # PerToken/PonderNet/RecurrentStep have specs: an.load rebuilds it
