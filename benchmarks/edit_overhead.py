@@ -23,7 +23,6 @@ import copy
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptnet as an
+from _teacher_student import machine_info
 from _timing import timed
 from adaptnet.nn import ReLU as AdaptnetReLU
 
@@ -52,27 +52,6 @@ Opt = torch.optim.Optimizer
 
 
 # -- machine and models ------------------------------------------------------------------
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "torch": torch.__version__,
-        "torch_pruning": getattr(tp, "__version__", None) if tp is not None else None,
-        "adaptnet": an.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "threads": threads,
-    }
-
-
 def load_average() -> float | None:
     """The 1-minute load average: other work on the machine makes every timing noisier."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -344,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "edit_overhead",
         "command": " ".join(["python", "benchmarks/edit_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": {**machine_info(torch.get_num_threads()),
+                    "torch_pruning": getattr(tp, "__version__", None) if tp is not None else None},
         "config": {"sizes": [IN, HIDDEN, HIDDEN, OUT], "batch": BATCH, "loss": "cross_entropy", "optimizer": "Adam",
                    "grads_present_at_edit": True, "repeats": repeats, "warmup": warmup, "quick": args.quick,
                    "timer": "time.perf_counter, gc disabled in timed regions"},
