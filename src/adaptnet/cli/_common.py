@@ -35,18 +35,17 @@ class EpochPrinter(Callback):
 
     def __init__(self, epochs: int):
         self.epochs = epochs
-        self.edits: list[str] = []  # edits come before their epoch's end: printed after its line
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         keys = [k for k in metrics if k.endswith("_loss") or k.startswith("val_")] + ["params", "widths"]
         fields = "  ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics)
-        print("\n".join([f"epoch {epoch}/{self.epochs}  {fields}", *self.edits]), flush=True)
-        self.edits = []
+        print(f"epoch {epoch}/{self.epochs}  {fields}", flush=True)
 
     def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
-        self.edits.append(f"  {event.get('policy') or 'edit'}: {edit.op} layer {edit.layer}, widths "
-                          f"{list(edit.widths_before)} -> {list(edit.widths_after)}, params {edit.params_before} -> "
-                          f"{edit.params_after} ({event.get('reason', '')})")
+        # The policies' edits come after on_epoch_end: each prints under its epoch's line.
+        print(f"  {event.get('policy') or 'edit'}: {edit.op} layer {edit.layer}, widths "
+              f"{list(edit.widths_before)} -> {list(edit.widths_after)}, params {edit.params_before} -> "
+              f"{edit.params_after} ({event.get('reason', '')})", flush=True)
 
 
 def describe(run: Run, model: nn.Module | None = None) -> str:

@@ -161,19 +161,21 @@ class Progress(Callback):
 
     def __init__(self, every: int):
         self.every = every
-        self.edits: list[str] = []  # edits happen before their epoch's end is reported
+        self.line: str | None = None  # the last epoch's line while it is not printed yet
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        if epoch % self.every == 0 or epoch == 1 or self.edits:
-            say(f"  epoch {epoch:3d}  train {metrics['train_loss']:.4f}  val {metrics['val_loss']:.4f}  "
-                  f"widths {metrics['widths']}  params {metrics['params']}")
-        for line in self.edits:
-            say(line)
-        self.edits = []
+        self.line = (f"  epoch {epoch:3d}  train {metrics['train_loss']:.4f}  val {metrics['val_loss']:.4f}  "
+                     f"widths {metrics['widths']}  params {metrics['params']}")
+        if epoch % self.every == 0 or epoch == 1:
+            say(self.line)
+            self.line = None
 
     def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
-        self.edits.append(f"             >> {edit.op} layer {edit.layer}: widths {list(edit.widths_before)} -> "
-                          f"{list(edit.widths_after)}, params {edit.params_before} -> {edit.params_after}")
+        if self.line is not None:  # the epoch's edits come after on_epoch_end: its line first
+            say(self.line)
+            self.line = None
+        say(f"             >> {edit.op} layer {edit.layer}: widths {list(edit.widths_before)} -> "
+            f"{list(edit.widths_after)}, params {edit.params_before} -> {edit.params_after}")
 
 
 def batches(data: tuple[torch.Tensor, torch.Tensor] | None, size: int, shuffle: bool = True) -> DataLoader:

@@ -1,5 +1,11 @@
 """Callbacks: hooks into the Trainer's loop. Override the ones you need; all default to no-ops.
 
+The order at the end of an epoch: validation, ``on_epoch_end`` (the model is still the one
+that produced the epoch's metrics), the policies' edits (``on_before_edit`` /
+``on_after_edit`` for each), the metrics row written to the run directory, then the
+checkpoint (``on_checkpoint``). A callback that keeps the best model in ``on_epoch_end``
+thus keeps the model that was validated, and the next epoch trains the edited one.
+
 A callback stops training with ``trainer.request_stop()`` (the Trainer finishes the current
 step, writes a checkpoint when it has a run directory, and returns).
 """
@@ -30,7 +36,11 @@ class Callback:
         """After optimizer step ``step`` (1-based); ``loss`` is detached."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        """After validation, policies and checkpointing of epoch ``epoch`` (1-based count)."""
+        """After validation of epoch ``epoch`` (1-based count), before the epoch's edits and checkpoint.
+
+        ``metrics`` is the epoch's row (``train_loss``, ``val_*``, ``params``, ``widths``, ``lr``),
+        all of it about ``trainer.model`` as it is now; ``seconds`` is added after the edits.
+        """
 
     def on_before_edit(self, trainer: Trainer, request: EditRequest) -> None:
         """Before a policy's edit is applied."""

@@ -1,8 +1,9 @@
 """The Trainer: a plain training loop whose model may change structure between steps.
 
-Per epoch: train (one optimizer step per batch), validate, ask the policies for edits and
-apply them (optimizer state carried, wrappers re-created, each edit logged), write the
-metrics row, checkpoint. Resume is exact: the data order of an epoch is derived from
+Per epoch: train (one optimizer step per batch), validate, call the callbacks'
+``on_epoch_end`` (with the model that produced the epoch's metrics), ask the policies for
+edits and apply them (optimizer state carried, wrappers re-created, each edit logged), write
+the metrics row, checkpoint. Resume is exact: the data order of an epoch is derived from
 ``(seed, epoch)``, and a checkpoint holds every RNG state, the optimizer, the scheduler, the
 policies and the loop counters, so an interrupted and resumed run equals an uninterrupted
 one bit for bit on CPU.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from adaptnet.edit import Edit
 from adaptnet.nn.losses import adaptive_loss
@@ -33,6 +34,7 @@ from adaptnet.train import _edits, _rng
 from adaptnet.train.callbacks import Callback
 from adaptnet.train.checkpoint import CheckpointManager, load, restore_optimizer
 from adaptnet.train.distributed import ShardedSampler, from_env, resolve_device, shutdown_at_exit
+from adaptnet.train.loader import Data, Loader, make_loader
 from adaptnet.train.metrics import MetricFn, resolve
 from adaptnet.train.rundir import CHECKPOINTS, RunDir
 from adaptnet.train.safety import capture_training_state, restore_training_state, stop_on_signals
@@ -40,7 +42,6 @@ from adaptnet.train.safety import capture_training_state, restore_training_state
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Data = DataLoader | tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor]
 
 
 class TrainingError(RuntimeError):
@@ -60,7 +61,7 @@ class Trainer:
         metrics: validation metrics by name (``"accuracy"``, ``"mae"``, ``"r2"``) or ``{name: fn}``.
         run_dir: where config, metrics, events, checkpoints and the report go (None: nowhere).
         seed: derives data order, policy generators and probes.
-        batch_size: for data given as tensors.
+        batch_size: for data given as tensors (batched by ``adaptnet.train.loader.TensorLoader``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
         compile: wrap the model with ``torch.compile`` (re-created after every edit).
         checkpoint_every: epochs between checkpoints (also written at the end and on a stop).
@@ -154,6 +155,8 @@ class Trainer:
             handle_signals: bool = False) -> dict[str, list[float]]:
         """Train until ``epochs`` epochs are completed (or a stop); return the per-epoch history.
 
+        ``train`` and ``val`` are DataLoaders, or ``(inputs, targets)`` tensors (a pair or a
+        ``TensorDataset``) batched by ``batch_size``, ``train`` shuffled per epoch.
         With ``resume=True`` and a checkpoint in the run directory, training continues from it
         (``self.model`` is then the restored model). With ``handle_signals``, SIGINT/SIGTERM
         stop training cleanly with a checkpoint.
@@ -250,7 +253,7 @@ class Trainer:
         return self._stop
 
     # -- one epoch ---------------------------------------------------------------------------
-    def _batches(self, loader: DataLoader) -> Iterator[Any]:
+    def _batches(self, loader: Loader) -> Iterator[Any]:
         """The epoch's batches, in an order derived from (seed, epoch) alone."""
         torch.manual_seed(_rng.derive_seed(self.seed, self.epoch))
         for owner in (loader, loader.sampler, getattr(loader, "batch_sampler", None)):
@@ -261,8 +264,9 @@ class Trainer:
         if isinstance(loader.sampler, ShardedSampler):
             # Start after the samples consumed (by any number of ranks) instead of skipping batches.
             loader.sampler.start, skip = self.samples_in_epoch, 0
-        if callable(getattr(loader.sampler, "set_epoch", None)):
-            loader.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]
+        set_epoch = getattr(loader.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
         batches = iter(loader)
         for _ in range(skip):  # resuming inside an epoch: skip what was done
             next(batches)
@@ -274,7 +278,7 @@ class Trainer:
             self._resume_rng = None
         return batches
 
-    def _train_epoch(self, loader: DataLoader) -> bool:
+    def _train_epoch(self, loader: Loader) -> bool:
         """Train one epoch (retrying after rollbacks); False if training must stop."""
         for cb in self.callbacks:
             cb.on_epoch_start(self, self.epoch)
@@ -285,7 +289,7 @@ class Trainer:
                 return outcome == "done"
             self._rollback(self._snapshot)
 
-    def _run_batches(self, loader: DataLoader) -> str:
+    def _run_batches(self, loader: Loader) -> str:
         batches: Iterable[Any] = self._batches(loader)
         if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -320,7 +324,7 @@ class Trainer:
                 return "stopped"
         return "done"
 
-    def _end_epoch(self, val: DataLoader | None, probe: tuple[torch.Tensor, torch.Tensor], last: bool) -> None:
+    def _end_epoch(self, val: Loader | None, probe: tuple[torch.Tensor, torch.Tensor], last: bool) -> None:
         began = time.perf_counter()
         loss_sum, count = self.dist.sum(self.epoch_loss) if self.dist is not None else self.epoch_loss
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / max(1, count)}
@@ -336,6 +340,10 @@ class Trainer:
             self.scheduler.step()
         self.epoch += 1
         self.batch_in_epoch, self.epoch_loss, self.rollbacks, self.samples_in_epoch = 0, [0.0, 0], 0, 0
+        # Callbacks see the model that produced ``row`` (a best-model callback keeps what was
+        # validated); the policies' edits come after them, and the checkpoint after the edits.
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, self.epoch, row)
         self._apply_policies(probe)
         row["seconds"] = round(time.perf_counter() - began, 4)
         if self.run is not None:
@@ -343,11 +351,9 @@ class Trainer:
         logger.info("epoch %d: %s", self.epoch, {k: v for k, v in row.items() if k != "epoch"})
         if last or self._stop_everywhere() or (self.checkpoint_every and self.epoch % self.checkpoint_every == 0):
             self.save_checkpoint()
-        for cb in self.callbacks:
-            cb.on_epoch_end(self, self.epoch, row)
 
     @torch.no_grad()
-    def _validate(self, loader: DataLoader) -> dict[str, float]:
+    def _validate(self, loader: Loader) -> dict[str, float]:
         self.model.eval()
         outputs, targets = [], []
         # Under DDP every rank evaluates the whole validation set with the unwrapped model
@@ -415,19 +421,13 @@ class Trainer:
                                    "lr": self.optimizer.param_groups[0]["lr"], "rollbacks": self.rollbacks})
 
     # -- plumbing ----------------------------------------------------------------------------
-    def _loader(self, data: Data, shuffle: bool) -> DataLoader:
-        if isinstance(data, DataLoader):
-            return data
-        if not (isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
-            raise TypeError("data must be a DataLoader or a pair of tensors (inputs, targets)")
-        dataset = TensorDataset(*data)
-        if shuffle and self._sharded:  # batch_size rows per rank and step
-            rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
-            sampler = ShardedSampler(dataset, world, rank, seed=_rng.derive_seed(self.seed, 2) % 2**62)
-            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
+    def _loader(self, data: Data, shuffle: bool) -> Loader:
+        sharded = None
+        if self._sharded:  # under DDP, or resuming a DDP run in one process: batch_size rows per rank and step
+            sharded = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        return make_loader(data, self.batch_size, shuffle, seed=self.seed, sharded=sharded)
 
-    def _probe(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    def _probe(self, loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed batch (the first ``probe_size`` rows of the dataset, never shuffled)."""
         x, y = next(iter(DataLoader(loader.dataset, batch_size=self.probe_size, shuffle=False)))
         return x.to(self.device), y.to(self.device)
