@@ -5,13 +5,15 @@ training compute?
 
 Tasks: scikit-learn ``digits`` (64 features, 10 classes), a teacher-student regression
 (a fixed random 20 -> 48 -> 1 tanh teacher with label noise) and two spirals (2-D, 2 classes).
-For each, the same training recipe (Adam, learning rate, batch size, epoch cap, early stopping
-on validation loss with the best-validation weights kept) is run for
+For each, the same training recipe (Adam, learning rate, batch size, early stopping on validation loss
+with the best-validation weights kept, and an epoch cap) is run for
 
   * a static sweep of ``AdaptiveMLP`` widths (4, 8, 16, 32, 64, 128; never edited), and
   * adaptnet growth from width 4 with a growth policy and a budget (``max_width`` 128),
 
-over 5 seeds (each seed: its own data split, sample and initialisation). Reported per arm:
+over 5 seeds (each seed: its own data split, sample and initialisation). The epoch cap counts the
+epochs of the final architecture: ``max_epochs`` for a static width, and for growth ``max_epochs``
+after its last edit (at most ``GROWTH_CAP`` x ``max_epochs`` in all). Reported per arm:
 test metric (accuracy, or MSE in target standard deviations squared) mean ± std, the
 parameter count of the delivered model, and training FLOPs = sum over optimizer steps of
 3 x forward MACs per sample (``adaptnet.nn.flops.count_macs``, re-counted after every edit)
@@ -64,6 +66,9 @@ SELECT_SEEDS = (100, 101, 102, 103, 104)  # --select uses these; the report uses
 # at ``lr``; early stopping when the validation loss has not improved for ``patience`` epochs, never
 # before ``min_epochs``; the weights of the best validation epoch are the result. ``lr`` was chosen by
 # ``--select`` from ``LR_CHOICES`` on the sweep alone.
+# Epoch cap: ``max_epochs`` for a static run; for a growth run ``max_epochs`` after its last edit and
+# ``GROWTH_CAP`` x ``max_epochs`` in all (every epoch of it counts in its FLOPs).
+GROWTH_CAP = 2
 _STOP = {"patience": 25, "min_epochs": 50, "max_epochs": 300}
 RECIPES: dict[str, dict[str, Any]] = {
     "digits": {"kind": "classification", "layers": 1, "activation": "relu", "lr": 3e-3, "batch_size": 128,
@@ -161,10 +166,11 @@ class Meter(an.Callback):
 
     name = "meter"
 
-    def __init__(self, n_train: int, batch_size: int, patience: int, min_epochs: int, x1: torch.Tensor):
+    def __init__(self, n_train: int, batch_size: int, patience: int, min_epochs: int, max_epochs: int,
+                 x1: torch.Tensor):
         self.n_train, self.batch_size, self.x1 = n_train, batch_size, x1
-        self.patience, self.min_epochs = patience, min_epochs
-        self.flops, self.macs, self.wait = 0, 0, 0
+        self.patience, self.min_epochs, self.max_epochs = patience, min_epochs, max_epochs
+        self.flops, self.macs, self.wait, self.last_edit = 0, 0, 0, 0
         self.best, self.best_epoch, self.best_model = math.inf, 0, None
         self.trainer: Any = None
         self.edits: list[dict[str, Any]] = []
@@ -181,6 +187,7 @@ class Meter(an.Callback):
         self.macs = count_macs(trainer.model, self.x1)
         self.edits.append({"epoch": event["epoch"], "op": edit.op, "layer": edit.layer,
                            "widths": list(edit.widths_after)})
+        self.last_edit = event["epoch"]
 
     def decide(self, signals: an.Signals) -> list[an.EditRequest]:
         value = signals.history["val_loss"][-1]
@@ -194,6 +201,8 @@ class Meter(an.Callback):
             self.wait += 1
             if self.wait >= self.patience and signals.epoch >= self.min_epochs:
                 self.trainer.request_stop()
+        if signals.epoch - self.last_edit >= self.max_epochs:  # the epoch cap, counted from the last edit
+            self.trainer.request_stop()
         return []
 
     def state_dict(self) -> dict[str, Any]:
@@ -246,12 +255,14 @@ def run_one(job: Job) -> dict[str, Any]:
     model = an.AdaptiveMLP(n_in, [start] * recipe["layers"], n_out, activation=recipe["activation"])
     opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
     loss_fn = F.mse_loss if recipe["kind"] == "regression" else F.cross_entropy
-    meter = Meter(len(train[0]), recipe["batch_size"], recipe["patience"], recipe["min_epochs"], train[0][:1])
+    meter = Meter(len(train[0]), recipe["batch_size"], recipe["patience"], recipe["min_epochs"], recipe["max_epochs"],
+                  train[0][:1])
     policies = [meter, *(make_policies(setting) if arm != "static" else [])]
     trainer = an.Trainer(model, opt, loss_fn, policies=policies, callbacks=[meter], seed=seed,
                          batch_size=recipe["batch_size"], device="cpu", on_nonfinite="stop")
     began = time.perf_counter()
-    trainer.fit(batches(train, recipe["batch_size"]), batches(val, 4096), epochs=recipe["max_epochs"])
+    cap = recipe["max_epochs"] * (1 if arm == "static" else GROWTH_CAP)
+    trainer.fit(batches(train, recipe["batch_size"]), batches(val, 4096), epochs=cap)
     seconds = time.perf_counter() - began
     best = meter.best_model
     assert best is not None
@@ -261,7 +272,8 @@ def run_one(job: Job) -> dict[str, Any]:
         "test": evaluate(best, test, recipe["kind"]), "val": evaluate(best, val, recipe["kind"]),
         "params": sum(p.numel() for p in best.parameters()), "widths": list(best.widths),
         "final_widths": list(trainer.model.widths), "epochs": trainer.epoch, "best_epoch": meter.best_epoch,
-        "steps": trainer.step, "train_flops": meter.flops, "seconds": seconds, "edits": meter.edits,
+        "last_edit": meter.last_edit, "steps": trainer.step, "train_flops": meter.flops, "seconds": seconds,
+        "edits": meter.edits,
         "by_arch": [{"widths": list(a), "params": sum(p.numel() for p in m.parameters()), "val_loss": v,
                      "val": evaluate(m, val, recipe["kind"]), "test": evaluate(m, test, recipe["kind"])}
                     for a, (v, m) in meter.by_arch.items()],
@@ -482,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - began
     print(f"\n{len(jobs)} runs in {elapsed:.0f} s ({args.workers} workers)")
     _write(args.out, {"machine": machine_info(args.workers), "quick": args.quick, "seeds": seeds,
-                      "widths": list(widths), "recipes": recipes, "growth": GROWTH, "targets": TARGETS,
-                      "seconds": elapsed, "summary": summary, "runs": rows})
+                      "widths": list(widths), "recipes": recipes, "growth_cap": GROWTH_CAP, "growth": GROWTH,
+                      "targets": TARGETS, "seconds": elapsed, "summary": summary, "runs": rows})
     return 0
 
 
