@@ -12,8 +12,17 @@ are fixed sets drawn from their own generators.
                  extrapolation split, scaled to 16 elements: test inputs have more non-zero
                  entries than any training input)
 
-The model is ``PonderNet(RecurrentStep(16, hidden, 2, cell="gru"))``: a GRU cell that sees the
-whole input at every step, a linear output head (two logits) and a linear halting head. Training
+The model is ``PonderNet(step)`` with one of two step modules (``--set step=...``):
+
+  gru     ``RecurrentStep(16, hidden, 2, cell="gru")`` (default, as in the PonderNet paper): a GRU
+          cell that sees the whole input at every step, a linear output head (two logits) and a
+          linear halting head.
+  reader  ``ReaderStep(16, hidden)``: a GRU cell that reads one entry per ponder step, left to
+          right (an embedding of -1, 0 or 1), so that parity can be learnt as a two-state automaton
+          that does not depend on how many entries are non-zero. Its halting head sees the hidden
+          state and which entries are still unread and non-zero.
+
+Training
 minimises the expected cross-entropy over the halting distribution plus ``beta * KL`` to a
 truncated geometric(lambda_p) prior (``adaptive_loss``), with Adam. Every ``eval_every`` steps
 the validation set is scored in eval mode (deterministic halting at the median); training stops
@@ -45,6 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from _teacher_student import RESULTS, machine_info, render, write_json
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
@@ -58,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "hidden": 64, "batch": 128, "lr": 3e-3, "max_steps": 20, "lambda_p": 0.2, "beta": 0.01, "tau": 0.01,
     "max_iters": 20000, "budget_s": 600.0, "eval_every": 250, "stop_at": 0.998, "val_rows": 4000,
     "test_rows": 10000, "grad_clip": 1.0, "verbose": 0,
+    "step": "gru",  # or "reader"
     "wall_s": 0.0,  # a wall-clock cap as well (0: none), for sessions with a fixed end on a loaded machine
 }
 QUICK = {"hidden": 32, "max_iters": 300, "budget_s": 60.0, "eval_every": 100, "val_rows": 500, "test_rows": 1000}
@@ -72,8 +83,36 @@ def parity_data(rows: int, nonzero: tuple[int, int], generator: torch.Generator)
     return x, ((x == 1).sum(dim=1) % 2).long()
 
 
+class ReaderStep(nn.Module):
+    """A halting step that reads one entry of the input per ponder step, left to right.
+
+    The state is ``(h, unread)``: the GRU's hidden state and the entries not read yet (shifted
+    left, zeros coming in). A step embeds the entry it reads (-1, 0 or 1), updates ``h``, predicts
+    from ``h``, and gives a halting logit from ``h`` and ``|unread|``: once nothing non-zero is
+    left, the answer cannot change, which the halting head can see.
+    """
+
+    def __init__(self, elements: int, hidden: int, output: int = 2, embed: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(3, embed)
+        self.cell = nn.GRUCell(embed, hidden)
+        self.output = nn.Linear(hidden, output)
+        self.halt = nn.Linear(hidden + elements, 1)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+        h, unread = (None, x) if state is None else state
+        entry, unread = unread[:, 0], torch.cat([unread[:, 1:], torch.zeros_like(unread[:, :1])], dim=1)
+        h = self.cell(self.embed((entry + 1).long()), h)
+        return (h, unread), self.output(h), self.halt(torch.cat([h, unread.abs()], dim=1)).squeeze(1)
+
+
 def build(model: str, config: dict[str, Any]) -> PonderNet | ACT:
-    step = RecurrentStep(ELEMENTS, config["hidden"], 2, cell="gru")
+    step: nn.Module
+    if config["step"] == "reader":
+        step = ReaderStep(ELEMENTS, config["hidden"])
+    else:
+        step = RecurrentStep(ELEMENTS, config["hidden"], 2, cell="gru")
     if model == "pondernet":
         return PonderNet(step, max_steps=config["max_steps"], lambda_p=config["lambda_p"], beta=config["beta"])
     return ACT(step, max_steps=config["max_steps"], tau=config["tau"])
@@ -196,6 +235,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or key not in DEFAULTS:
             raise SystemExit(f"--set takes key=value with key one of {sorted(DEFAULTS)}, got {item!r}")
         out[key] = type(DEFAULTS[key])(value)
+    if out.get("step", "gru") not in ("gru", "reader"):
+        raise SystemExit(f"--set step takes gru or reader, got {out['step']!r}")
     return out
 
 
@@ -250,7 +291,8 @@ def _results(args: argparse.Namespace, argv: list[str] | None, config: dict[str,
         "machine": machine_info(1), "workers": args.workers, "load_avg_at_start": load_at_start,
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()], "runs_finished": len(runs), "runs_planned": jobs,
         "config": {**config, "elements": ELEMENTS, "splits": SPLITS, "quick": args.quick,
-                   "step": f"RecurrentStep({ELEMENTS}, hidden, 2, cell='gru')", "optimizer": "Adam",
+                   "step_module": (f"RecurrentStep({ELEMENTS}, hidden, 2, cell='gru')" if config["step"] == "gru"
+                                   else f"ReaderStep({ELEMENTS}, hidden)"), "optimizer": "Adam",
                    "loss": "adaptive_loss(net, F.cross_entropy, ...)", "budget": "CPU seconds of the process"},
         "summary": summary, "runs": runs, "seconds": round(time.perf_counter() - started, 1),
     }
