@@ -160,8 +160,8 @@ class Meter(an.Callback):
     """Counts training FLOPs, keeps the best-validation model, stops early.
 
     It is also the first policy of the Trainer: policies run after validation and before any
-    edit, so the model kept for a best epoch is the one that was validated (``on_epoch_end``
-    would see the edited model).
+    edit, so the model kept for a best epoch is the one that was validated (``on_epoch_end``,
+    which now also runs before the edits, would see the same model).
     """
 
     name = "meter"
