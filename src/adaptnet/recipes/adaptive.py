@@ -179,8 +179,9 @@ class Progress(Callback):
 
 
 def batches(data: tuple[torch.Tensor, torch.Tensor] | None, size: int, shuffle: bool = True) -> DataLoader:
-    """Batches sliced from the tensors at once (the default loader collates row by row, which costs more
-    than a step of these small networks); the Trainer seeds the shuffled order of every epoch."""
+    """Batches sliced from the tensors at once, training batches of ``size`` and validation batches of
+    1024 (the Trainer's own tensor loader uses one batch size for both); the Trainer seeds the
+    shuffled order of every epoch."""
     assert data is not None
     ds = TensorDataset(*data)
     order = RandomSampler(ds) if shuffle else SequentialSampler(ds)
