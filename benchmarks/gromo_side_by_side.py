@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     names = arm_names(args.gradmax_scales)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 10)
     if len(seeds) < 1 or repeats < 0 or args.threads < 1 or any(c <= 0 for c in args.gradmax_scales):
-        parser.error("--seeds and --threads must be positive integers, --repeats >= 0")
+        parser.error("--seeds and --threads must be positive integers, --repeats >= 0, --gradmax-scales > 0")
     steps, grow_at = (QUICK_STEPS, QUICK_GROW_AT) if args.quick else (STEPS, GROW_AT)
     torch.set_num_threads(args.threads)
 

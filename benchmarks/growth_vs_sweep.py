@@ -227,8 +227,8 @@ def make_policies(g: Mapping[str, Any]) -> list[Any]:
 
 
 def batches(data: Pair, size: int) -> DataLoader:
-    """Shuffled batches sliced from the tensors at once (the default loader collates row by row,
-    which costs more than a step of these small models); the Trainer seeds the order per epoch."""
+    """Shuffled batches sliced from the tensors at once (the same batches as the Trainer's own
+    ``TensorLoader``, kept so that the runs stay those reported); the Trainer seeds the order per epoch."""
     ds = TensorDataset(*data)
     return DataLoader(ds, sampler=BatchSampler(RandomSampler(ds), size, drop_last=False), batch_size=None)
 

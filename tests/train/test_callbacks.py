@@ -118,3 +118,20 @@ def test_a_stop_from_on_epoch_end_keeps_the_epochs_edits_and_resumes_exactly(tmp
     assert read_events(tmp_path / "cut") == read_events(tmp_path / "full")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "cut")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "full")]
+
+
+class _AddsToMetrics(Callback):
+    """A callback that writes into the row it is given (its own bookkeeping, say)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        metrics["mine"] = float(epoch)
+        metrics["val_loss"] = -1.0
+
+
+def test_what_a_callback_writes_into_metrics_does_not_reach_the_run_directory(tmp_path: Path) -> None:
+    x, y, xv, yv = _data()
+    trainer = _trainer(tmp_path, [_AddsToMetrics()])
+    trainer.fit((x, y), (xv, yv), epochs=2)
+    rows = read_metrics(tmp_path)
+    assert all("mine" not in r and r["val_loss"] > 0 for r in rows)
+    assert trainer.history["val_loss"] == [r["val_loss"] for r in rows]

@@ -123,3 +123,16 @@ def test_tensors_train_as_the_equivalent_dataloader_bit_for_bit() -> None:
         assert history == ref_history
         for (name, p), q in zip(trainer.model.state_dict().items(), ref.model.state_dict().values(), strict=True):
             assert torch.equal(p, q), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tensors_on_the_gpu_give_the_dataloaders_batches(shuffle: bool) -> None:
+    x, y = (t.cuda() for t in _tensors())
+    ours = TensorLoader(x, y, batch_size=7, shuffle=shuffle)
+    theirs = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=shuffle)
+    (a, rng_a), (b, rng_b) = _passes(ours), _passes(theirs)
+    assert all(t.is_cuda for batch in a for t in batch)
+    assert len(a) == len(b) and all(len(p) == len(q) for p, q in zip(a, b, strict=True))
+    assert all(torch.equal(s, t) for p, q in zip(a, b, strict=True) for s, t in zip(p, q, strict=True))
+    assert torch.equal(rng_a, rng_b)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import adaptnet as an
 from adaptnet.policy import GrowEvery, GrowOnPlateau, PruneToBudget
@@ -52,17 +53,22 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("as_loader", [False, True], ids=["tensors", "dataloader"])
 @pytest.mark.parametrize("stop_step", [6, 8, 13])  # 4 batches an epoch: inside epoch 2, at its end, inside 4
-def test_resume_is_exact_with_edits_before_and_after(tmp_path: Path, stop_step: int) -> None:
+def test_resume_is_exact_with_edits_before_and_after(tmp_path: Path, stop_step: int, as_loader: bool) -> None:
     x, y, xv, yv = _data()
+
+    def train() -> Any:  # tensors (the Trainer's TensorLoader) or a user's DataLoader
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True) if as_loader else (x, y)
+
     full = _trainer(tmp_path / "full")
-    full.fit((x, y), (xv, yv), epochs=5)
+    full.fit(train(), (xv, yv), epochs=5)
 
     first = _trainer(tmp_path / "cut", callbacks=[_StopAt(stop_step)])
-    first.fit((x, y), (xv, yv), epochs=5)
+    first.fit(train(), (xv, yv), epochs=5)
     assert first.step == stop_step
     second = _trainer(tmp_path / "cut")
-    second.fit((x, y), (xv, yv), epochs=5, resume=True)
+    second.fit(train(), (xv, yv), epochs=5, resume=True)
 
     assert second.model.widths == full.model.widths
     a, b = _state(full), _state(second)

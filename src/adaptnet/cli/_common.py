@@ -42,7 +42,8 @@ class EpochPrinter(Callback):
         print(f"epoch {epoch}/{self.epochs}  {fields}", flush=True)
 
     def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
-        # The policies' edits come after on_epoch_end: each prints under its epoch's line.
+        # The policies' edits come after on_epoch_end, so each prints under its epoch's line (an edit
+        # a callback makes during the epoch, through trainer.apply_edit, prints before that line).
         print(f"  {event.get('policy') or 'edit'}: {edit.op} layer {edit.layer}, widths "
               f"{list(edit.widths_before)} -> {list(edit.widths_after)}, params {edit.params_before} -> "
               f"{edit.params_after} ({event.get('reason', '')})", flush=True)

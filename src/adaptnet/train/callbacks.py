@@ -38,7 +38,7 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         """After validation of epoch ``epoch`` (1-based count), before the epoch's edits and checkpoint.
 
-        ``metrics`` is the epoch's row (``train_loss``, ``val_*``, ``params``, ``widths``, ``lr``),
+        ``metrics`` is a copy of the epoch's row (``train_loss``, ``val_*``, ``params``, ``widths``, ``lr``),
         all of it about ``trainer.model`` as it is now; ``seconds`` is added after the edits.
         """
 

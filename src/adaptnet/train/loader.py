@@ -78,9 +78,11 @@ class TensorLoader:
         else:
             order = torch.arange(n)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        # The order is drawn on the CPU (the same draws wherever the data is); index_select needs
+        # the index on each tensor's device, so it is copied there once per pass.
+        orders = {device: order.to(device) for device in {t.device for t in self.tensors}}
         for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]  # (B,)
-            yield tuple(t.index_select(0, idx) for t in self.tensors)
+            yield tuple(t.index_select(0, orders[t.device][start:start + self.batch_size]) for t in self.tensors)
 
 
 Loader = DataLoader | TensorLoader

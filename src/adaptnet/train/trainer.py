@@ -343,7 +343,7 @@ class Trainer:
         # Callbacks see the model that produced ``row`` (a best-model callback keeps what was
         # validated); the policies' edits come after them, and the checkpoint after the edits.
         for cb in self.callbacks:
-            cb.on_epoch_end(self, self.epoch, row)
+            cb.on_epoch_end(self, self.epoch, dict(row))  # a copy: what is written stays the Trainer's row
         self._apply_policies(probe)
         row["seconds"] = round(time.perf_counter() - began, 4)
         if self.run is not None:
