@@ -255,13 +255,15 @@ def run_one(job: Job) -> dict[str, Any]:
     model = an.AdaptiveMLP(n_in, [start] * recipe["layers"], n_out, activation=recipe["activation"])
     opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
     loss_fn = F.mse_loss if recipe["kind"] == "regression" else F.cross_entropy
-    meter = Meter(len(train[0]), recipe["batch_size"], recipe["patience"], recipe["min_epochs"], recipe["max_epochs"],
+    static_cap = recipe.get("static_cap", 1)  # --static-cap: the static arm's epoch cap x this (a sensitivity check)
+    max_epochs = recipe["max_epochs"] * (static_cap if arm == "static" else 1)
+    meter = Meter(len(train[0]), recipe["batch_size"], recipe["patience"], recipe["min_epochs"], max_epochs,
                   train[0][:1])
     policies = [meter, *(make_policies(setting) if arm != "static" else [])]
     trainer = an.Trainer(model, opt, loss_fn, policies=policies, callbacks=[meter], seed=seed,
                          batch_size=recipe["batch_size"], device="cpu", on_nonfinite="stop")
     began = time.perf_counter()
-    cap = recipe["max_epochs"] * (1 if arm == "static" else GROWTH_CAP)
+    cap = max_epochs * (1 if arm == "static" else GROWTH_CAP)
     trainer.fit(batches(train, recipe["batch_size"]), batches(val, 4096), epochs=cap)
     seconds = time.perf_counter() - began
     best = meter.best_model
@@ -466,9 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2, one thread each)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 widths, 5 epochs")
     parser.add_argument("--select", action="store_true", help="run the validation grid for the growth settings")
+    parser.add_argument("--static-cap", type=int, default=1, metavar="K",
+                        help="sensitivity check: the static arm's epoch cap x K (default 1; growth unchanged)")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.workers < 1:
-        parser.error("--seeds and --workers must be >= 1")
+    if args.seeds < 1 or args.workers < 1 or args.static_cap < 1:
+        parser.error("--seeds, --workers and --static-cap must be >= 1")
     began = time.perf_counter()
     if args.select:
         result = select(args.tasks, args.workers)
@@ -484,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         widths, seeds = (4, 16, 64), [0]
         for r in recipes.values():
             r["max_epochs"], r["patience"], r["min_epochs"] = 5, 3, 0
+    for r in recipes.values():
+        r["static_cap"] = args.static_cap
     jobs: list[Job] = [(t, "static", w, s, recipes[t]) for t in args.tasks for w in widths for s in seeds]
     jobs += [(t, arm, setting, s, recipes[t]) for t in args.tasks for arm, setting in GROWTH[t].items()
              for s in seeds]
