@@ -30,7 +30,7 @@ def test_quick_regression_grows_prunes_and_compares(tmp_path, capsys):
     widen = [e for e in events if e["op"] == "widen"]
     prune = [e for e in events if e["op"] == "prune"]
     assert widen and prune, events
-    assert all(e["epoch"] <= s["prune_at"] and e["policy"] == "grow_on_plateau" for e in widen)
+    assert all(e["epoch"] <= s["prune_at"] and e["policy"] == "grow_on_signal" for e in widen)
     assert all(e["epoch"] > s["prune_at"] and e["policy"] == "prune_to_budget" for e in prune)
     assert a["peak_params"] > mlp_params(10, a["start_widths"], 1)
     assert a["params"] <= a["budget"] < a["peak_params"] and r["within_budget"]
@@ -60,15 +60,18 @@ def test_quick_regression_grows_prunes_and_compares(tmp_path, capsys):
     assert f"params: {mlp_params(10, a['start_widths'], 1)} -> {a['params']}" in capsys.readouterr().out
 
 
-def test_quick_classification_with_a_budget(tmp_path):
-    r = run_recipe("adaptive", {"data": "breast_cancer", "budget": 400, "seed": 1}, out=tmp_path / "bc", quick=True)
+def test_quick_classification_with_a_budget_and_the_plateau_trigger(tmp_path):
+    r = run_recipe("adaptive", {"data": "breast_cancer", "budget": 400, "seed": 1, "trigger": "plateau"},
+                   out=tmp_path / "bc", quick=True)
     a = r["adaptive"]
     assert r["task"] == "classification" and r["metric"] == "accuracy %"
     assert a["budget"] == 400 and a["params"] <= 400 and a["widths"] != a["peak_widths"]
     assert 0.5 < a["test"]["accuracy"] <= 1
     within = [x for x in r["static"] if x["params"] <= 400]
     assert r["best_static_within_budget"] == max(within, key=lambda x: (x["val"]["accuracy"], -x["params"]))["widths"]
-    assert {e["op"] for e in _events(tmp_path / "bc" / RUN_DIR)} == {"widen", "prune"}
+    events = _events(tmp_path / "bc" / RUN_DIR)
+    assert {e["op"] for e in events} == {"widen", "prune"}
+    assert {e["policy"] for e in events if e["op"] == "widen"} == {"grow_on_plateau"}
 
 
 def _csv(path: Path, n: int = 240, target: str = "target") -> Path:
@@ -102,6 +105,9 @@ def test_cli_on_a_user_csv(tmp_path, capsys):
     (["prune_at=13"], "prune_at must be between 1 and epochs - 2 = 12"),
     (["start=[]"], "start must be one or more widths"),
     (["importance=random"], "expected one of 'magnitude', 'taylor'"),
+    (["trigger=loss"], "expected one of 'signal', 'plateau'"),
+    (["cooldown=-1"], "cooldown must be >= 0 and threshold > 0"),
+    (["threshold=0"], "cooldown must be >= 0 and threshold > 0"),
 ])
 def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, words, message):
     _csv(tmp_path / "other.csv", n=20, target="label")
@@ -119,5 +125,6 @@ def test_show_and_defaults(capsys):
     recipe = get_recipe("adaptive")
     s = make_settings(recipe, {})
     assert s.start == (4, 4) and s.prune_at == 40 and s.epochs == 60 and s.sweep == (4, 8, 16, 32, 64, 128)
+    assert (s.trigger, s.threshold, s.cooldown, s.patience, s.min_delta) == ("signal", 0.3, 3, 10, 0.02)
     with pytest.raises(RecipeError, match="prune_amount must be a fraction"):
         make_settings(recipe, {"prune_amount": 1.0})

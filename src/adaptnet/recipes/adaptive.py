@@ -1,12 +1,15 @@
-"""Adaptive learning: start small, grow on plateaus, prune to a budget, fine-tune; against a width sweep.
+"""Adaptive learning: start small, grow, prune to a budget, fine-tune; against a width sweep.
 
 The question a user without a known network size asks: does one adaptive run deliver a network
 as good as the best of a sweep over static widths, of a size I can afford, for less compute?
 
-1. **Grow** (epochs ``1..prune_at``): an ``AdaptiveMLP`` with ``start`` hidden widths, trained with
-   ``GrowOnPlateau`` (widen by ``by`` units, at the layer the gradient favours, when the
-   ``monitor``-ed loss has not improved by ``min_delta`` for ``patience`` epochs; at most
-   ``max_width`` units per layer).
+1. **Grow** (epochs ``1..prune_at``): an ``AdaptiveMLP`` with ``start`` hidden widths, widened by
+   ``by`` units at the layer the gradient favours, at most ``max_width`` units per layer. With
+   ``trigger="signal"`` (the default) ``GrowOnSignal`` grows when new units would learn more than
+   ``threshold`` times as fast per parameter as the existing ones (measured after every epoch,
+   ``cooldown`` epochs after a growth), or after ``patience`` epochs without an improvement of
+   ``min_delta`` in the ``monitor``-ed loss; with ``trigger="plateau"``, ``GrowOnPlateau`` grows
+   on that plateau only.
 2. **Prune, then fine-tune** (epochs ``prune_at+1..epochs``): ``PruneToBudget`` removes the least
    important units of the widest layer after every epoch until the network has at most
    ``budget`` parameters; the epochs after the last prune fine-tune it. Both phases run in one
@@ -39,7 +42,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from adaptnet.edit import IMPORTANCES, INITS, Edit
 from adaptnet.nn import AdaptiveMLP, count_macs
-from adaptnet.policy import GrowOnPlateau, PruneToBudget
+from adaptnet.policy import GrowOnPlateau, GrowOnSignal, PruneToBudget
 from adaptnet.recipes import Recipe, say
 from adaptnet.train.build import evaluate, loss_and_metrics
 from adaptnet.train.callbacks import Callback
@@ -59,7 +62,12 @@ class AdaptiveSettings:
     seed: int = field(default=0, metadata={"help": "data split, initialisation and batch order"})
     epochs: int = field(default=60, metadata={"help": "epochs of every run (adaptive and static)"})
     start: tuple[int, ...] = field(default=(4, 4), metadata={"help": "hidden widths the adaptive run starts from"})
-    patience: int = field(default=2, metadata={"help": "grow after this many epochs without improvement"})
+    trigger: Literal["signal", "plateau"] = field(default="signal", metadata={
+        "help": "grow when new units would learn faster (signal, or on a plateau) or on a plateau only"})
+    threshold: float = field(default=0.3, metadata={
+        "help": "trigger=signal: grow when new units would learn this many times as fast per parameter"})
+    cooldown: int = field(default=3, metadata={"help": "trigger=signal: epochs after a growth without growth"})
+    patience: int = field(default=10, metadata={"help": "grow after this many epochs without improvement"})
     min_delta: float = field(default=0.02, metadata={
         "help": "a decrease of the monitored loss that counts as an improvement"})
     monitor: Literal["val_loss", "train_loss"] = field(default="val_loss", metadata={
@@ -96,6 +104,9 @@ class AdaptiveSettings:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if not 0 < self.prune_amount < 1:
             raise ValueError(f"prune_amount must be a fraction in (0, 1), got {self.prune_amount}")
+        if self.cooldown < 0 or not self.threshold > 0:
+            raise ValueError(f"cooldown must be >= 0 and threshold > 0, got cooldown {self.cooldown}, "
+                             f"threshold {self.threshold}")
         if not self.lr > 0 or self.min_delta < 0:
             raise ValueError(f"lr must be > 0 and min_delta >= 0, got lr {self.lr}, min_delta {self.min_delta}")
         n_in, n_out = _sizes(self.data, self.target)  # also checks the data: name, CSV file and column
@@ -219,12 +230,19 @@ def run_adaptive(s: AdaptiveSettings, splits: Splits, run_dir: Path) -> dict[str
                                        for k, v in dataclasses.asdict(s).items()}}
     trainer, meter = _trainer(model, splits, s, callbacks=[Progress(every=10)], run_dir=run_dir,
                               checkpoint_every=10, config=config)
-    grow = GrowOnPlateau(patience=s.patience, min_delta=s.min_delta, by=s.by, where="gradient", init=s.init,
-                         max_width=s.max_width, monitor=s.monitor)
-    trainer.policies = [grow]
+    plateau = f"{s.monitor} has not improved by {s.min_delta:g} for {s.patience} epoch(s)"
+    if s.trigger == "signal":
+        trainer.policies = [GrowOnSignal(threshold=s.threshold, cooldown=s.cooldown, by=s.by, init=s.init,
+                                         max_width=s.max_width, patience=s.patience, min_delta=s.min_delta,
+                                         monitor=s.monitor)]
+        when = (f"new units would learn > {s.threshold:g}x faster per parameter (cooldown {s.cooldown}) or "
+                f"{plateau}")
+    else:
+        trainer.policies = [GrowOnPlateau(patience=s.patience, min_delta=s.min_delta, by=s.by, where="gradient",
+                                          init=s.init, max_width=s.max_width, monitor=s.monitor)]
+        when = plateau
     say(f"grow: epochs 1-{s.prune_at}, from widths {list(s.start)} ({sum(p.numel() for p in model.parameters())} "
-          f"params), by {s.by} units ({s.init}) when {s.monitor} has not improved by {s.min_delta:g} for "
-          f"{s.patience} epoch(s)")
+        f"params), by {s.by} units ({s.init}) when {when}")
     trainer.fit(*loaders(splits, s), epochs=s.prune_at)
     peak_widths, peak = list(model.widths), sum(p.numel() for p in model.parameters())
     start_params = mlp_params(info.in_features, s.start, info.out_features)
