@@ -386,7 +386,8 @@ def plot(path: Path, adaptive: dict[str, Any], static: list[dict[str, Any]], eve
 
 RECIPE = Recipe(
     name="adaptive",
-    summary="start small, grow on plateaus, prune to a budget; compared with a sweep of static widths",
+    summary=("start small, grow when and where the gradient says, prune to a budget; compared with a sweep "
+             "of static widths"),
     settings=AdaptiveSettings,
     run=run,
     quick={"epochs": 14, "prune_at": 9, "patience": 1, "sweep": (4, 16, 64)},
