@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,12 @@ def render(rows: list[tuple[str, ...]]) -> list[str]:
         if i == 0:
             lines.append("  ".join("-" * n for n in widths))
     return lines
+
+
+def finish(results: dict[str, Any], started: float, out: Path, table: Callable[[dict[str, Any]], str]) -> int:
+    """The end of a benchmark's ``main``: stamp the run time, print the table, write the JSON."""
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(results))
+    write_json(results, out)
+    print(f"\n{results['seconds']} s; wrote {out}")
+    return 0

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from _early_exit_tasks import build
-from _teacher_student import RESULTS, machine_info, render, write_json
+from _teacher_student import RESULTS, finish, machine_info, render
 from adaptnet.nn.early_exit import EarlyExit, calibrate_threshold
 from adaptnet.nn.flops import count_macs
 from adaptnet.train.trainer import Trainer
@@ -352,11 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_at_start": load_at_start,
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adaptnet as an
-from _teacher_student import machine_info
+from _teacher_student import finish, machine_info
 from _timing import timed
 from adaptnet.nn import ReLU as AdaptnetReLU
 
@@ -297,13 +296,6 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -332,12 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "widen": bench_widen(adaptive, a_opt, x, y, repeats, warmup),
         "prune": bench_prune(adaptive, a_opt, plain, p_opt, x, y, repeats, warmup),
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_average"] = {"start": load_start, "end": load_average()}
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ from _teacher_student import (
     SMALL,
     STEPS,
     TEACHER_SEED,
+    finish,
     machine_info,
     mean_std,
     render,
     student,
     teacher_data,
-    write_json,
 )
 
 LR = 0.1
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_plain_pytorch": {a: {"mean": m, "std": s} for a, (m, s) in REFERENCE.items()},
         "arms": arms,
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,12 @@ from _teacher_student import (
     SMALL,
     STEPS,
     TEACHER_SEED,
+    finish,
     machine_info,
     mean_std,
     render,
     student,
     teacher_data,
-    write_json,
 )
 from _timing import timed
 from adaptnet.nn import ReLU as AdaptnetReLU
@@ -452,12 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "arms": arms,
         "runs": runs,
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_average"] = {"start": load_start, "end": load_average()}
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from _teacher_student import RESULTS, machine_info, render, write_json
+from _teacher_student import RESULTS, finish, machine_info, render
 from _timing import timed
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
 from parity import DEFAULTS as PARITY_DEFAULTS
@@ -319,11 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                    "inference_mode": True},
         "models": models,
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":

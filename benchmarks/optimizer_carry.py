@@ -46,12 +46,12 @@ from _teacher_student import (
     SMALL,
     STEPS,
     TEACHER_SEED,
+    finish,
     machine_info,
     mean_std,
     render,
     student,
     teacher_data,
-    write_json,
 )
 
 LR = 0.01
@@ -186,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "spike_relative_max": 0.19},
         "arms": arms,
     }
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    print(table(results))
-    write_json(results, args.out)
-    print(f"\n{results['seconds']} s; wrote {args.out}")
-    return 0
+    return finish(results, started, args.out, table)
 
 
 if __name__ == "__main__":
