@@ -22,8 +22,7 @@ The model is ``PonderNet(step)`` with one of two step modules (``--set step=...`
           that does not depend on how many entries are non-zero. Its halting head sees the hidden
           state and which entries are still unread and non-zero.
 
-Training
-minimises the expected cross-entropy over the halting distribution plus ``beta * KL`` to a
+Training minimises the expected cross-entropy over the halting distribution plus ``beta * KL`` to a
 truncated geometric(lambda_p) prior (``adaptive_loss``), with Adam. Every ``eval_every`` steps
 the validation set is scored in eval mode (deterministic halting at the median); training stops
 when validation accuracy reaches ``stop_at``, or after ``max_iters`` steps or ``budget_s``
