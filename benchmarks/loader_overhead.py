@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptnet as an
 from _teacher_student import machine_info, render, write_json
+from _timing import timed
 from adaptnet.train.data import load_data
 from adaptnet.train.loader import TensorLoader
 from adaptnet.train.trainer import Trainer
@@ -44,15 +44,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loader_overhead.jso
 
 
 def cpu_seconds(fn: Callable[[], Any]) -> float:
-    """CPU seconds of this process while ``fn`` runs (garbage collection off, as timeit does)."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.process_time()
-        fn()
-        return time.process_time() - start
-    finally:
-        gc.enable()
+    """CPU seconds of this process while ``fn`` runs."""
+    return timed(fn, clock=time.process_time)
 
 
 def fit(model: nn.Module, train: Any, val: Any, epochs: int) -> tuple[Trainer, dict[str, list[float]]]:
