@@ -186,8 +186,8 @@ def test_file_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
     (checkpoint / "model.safetensors").write_bytes(b"not safetensors")
     for args, expected in [
-        (("inspect", checkpoint), "cannot read the weights"),
-        (("resume", run, "--epochs", "3"), "cannot read the weights"),
+        (("inspect", checkpoint), "model.safetensors: 15 bytes, but manifest.json recorded"),
+        (("resume", run, "--epochs", "3"), "its only checkpoint, step-"),
         (("resume", tmp_path), "is not a run directory"),
         (("resume", tmp_path / "nowhere"), "run directory not found"),
         (("report", tmp_path), "has no metrics.csv"),

@@ -159,7 +159,7 @@ def test_files_are_read_by_plain_libraries(tmp_path: Path) -> None:
     metrics = {"loss": [0.5, 0.25], "best": None, "shape": (2, 3), "tags": {"a", "b"}}
     path = ck.save(tmp_path / "c", model, opt, sched, step=7, rng=torch.get_rng_state(), metrics=metrics)
     assert sorted(os.listdir(tmp_path)) == ["c"] and sorted(os.listdir(path)) == sorted(
-        [ck.SPEC_FILE, ck.WEIGHTS_FILE, ck.STATE_FILE])
+        [ck.SPEC_FILE, ck.WEIGHTS_FILE, ck.STATE_FILE, "manifest.json"])
 
     assert json.loads((path / "spec.json").read_text()) == {"adaptnet_checkpoint": 1, "model": model.spec()}
     weights = safetensors.torch.load_file(path / "model.safetensors")
@@ -423,6 +423,9 @@ def test_damaged_checkpoint_gives_one_clear_error(tmp_path: Path, damage: str) -
     _train(model, opt, torch.randn(4, 3), torch.randn(4, 2), 1)
     ck.save(tmp_path / "wide", an.AdaptiveMLP(3, [9], 2))
     path = ck.save(tmp_path / "c", model, opt, step=1)
+    # Without its manifest (as saved before checkpoints had one), so that the checks behind the SHA-256
+    # check are the ones tested here; tests/train/test_integrity.py tests the manifest.
+    (path / "manifest.json").unlink()
     action, message = DAMAGES[damage]
     action(path)
     with pytest.raises(CheckpointError, match=re.escape(message)) as info:

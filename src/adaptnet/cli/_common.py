@@ -12,8 +12,10 @@ from torch import nn
 from adaptnet.edit import Edit
 from adaptnet.train.build import Run, evaluate
 from adaptnet.train.callbacks import Callback
+from adaptnet.train.checkpoint import CheckpointError, CheckpointManager, load
 from adaptnet.train.distributed import from_env, resolve_device
 from adaptnet.train.report import summarize
+from adaptnet.train.rundir import CHECKPOINTS
 
 if TYPE_CHECKING:
     from adaptnet.train.trainer import Trainer
@@ -56,6 +58,30 @@ def describe(run: Run, model: nn.Module | None = None) -> str:
     widths = list(getattr(model or run.trainer.model, "widths", []))
     return (f"{info.name} ({info.task}, {sizes} train/val/test rows), {cfg.model.type} {widths}, "
             f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.train.epochs} epochs on {run.trainer.device}")
+
+
+def newest_loadable(run_dir: Path, none: str) -> tuple[Path, nn.Module, dict[str, Any], list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that loads and verifies: ``(path, model, state, skipped)``.
+
+    ``skipped`` lists the newer checkpoints refused on the way, each with the one-line reason
+    (a damaged file, a missing one). ``CLIError`` when none loads, and ``CLIError(none)`` when the
+    run has no checkpoint at all.
+    """
+    found = CheckpointManager(run_dir / CHECKPOINTS).all()
+    if not found:
+        raise CLIError(none)
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            model, state = load(path)
+        except CheckpointError as err:
+            skipped.append((path, " ".join(str(err).split())))
+            continue
+        return path, model, state, skipped
+    newest, reason = skipped[0]
+    if len(found) == 1:
+        raise CLIError(f"{run_dir}: its only checkpoint, {newest.name}, does not load: {reason}")
+    raise CLIError(f"{run_dir}: none of its {len(found)} checkpoints loads; the newest, {newest.name}: {reason}")
 
 
 def on_main_then_share(device: str, compute: Callable[[], str]) -> str:

@@ -1,4 +1,10 @@
-"""``adaptnet inspect PATH``: the architecture in a checkpoint (or a run's latest) and its edit history."""
+"""``adaptnet inspect PATH``: the architecture in a checkpoint (or a run's latest) and its edit history.
+
+It also says whether the checkpoint's files match the SHA-256 of its ``manifest.json``. A checkpoint
+folder that fails the check is refused (exit status 2, the file named); for a run directory the
+newest checkpoint that loads is shown, as ``adaptnet resume`` would resume it, and each newer one
+skipped is listed with the reason.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from adaptnet.cli._common import CLIError
-from adaptnet.train.checkpoint import SPEC_FILE, CheckpointManager, load
+from adaptnet.cli._common import CLIError, newest_loadable
+from adaptnet.train import _integrity
+from adaptnet.train.checkpoint import SPEC_FILE, load
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG, read_events
 
 HELP = "show the architecture of a checkpoint (or a run's latest) and the run's edit history"
@@ -21,18 +28,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def locate(path: Path) -> tuple[Path, Path | None]:
-    """(checkpoint folder, run directory or None) for a checkpoint folder or a run directory."""
+def locate(path: Path) -> tuple[Path, Path | None, nn.Module, dict[str, Any], list[tuple[Path, str]]]:
+    """(checkpoint folder, run directory or None, model, state, newer checkpoints skipped with why)."""
     if not path.exists():
         raise CLIError(f"not found: {path}")
-    if (path / SPEC_FILE).is_file():
+    if (path / SPEC_FILE).is_file() or (path / _integrity.MANIFEST_FILE).is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
-        return path, run_dir
+        model, state = load(path)
+        return path, run_dir, model, state, []
     if (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir():
-        latest = CheckpointManager(path / CHECKPOINTS).latest()
-        if latest is None:
-            raise CLIError(f"{path} has no checkpoint yet (nothing in {path / CHECKPOINTS})")
-        return latest, path
+        latest, model, state, skipped = newest_loadable(path, f"{path} has no checkpoint yet (nothing in "
+                                                              f"{path / CHECKPOINTS})")
+        return latest, path, model, state, skipped
     raise CLIError(f"{path} is neither a checkpoint folder (with {SPEC_FILE}) nor a run directory (with {CONFIG})")
 
 
@@ -69,10 +76,13 @@ def _event_line(e: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, run_dir = locate(Path(args.path))
-    model, state = load(checkpoint)
+    checkpoint, run_dir, model, state, skipped = locate(Path(args.path))
+    integrity = _integrity.verify(checkpoint)
     options = ", ".join(f"{k} {v}" for k, v in getattr(model, "options", {}).items())
     print(f"checkpoint: {checkpoint} (epoch {state.get('epoch', '?')}, step {state.get('step', '?')})")
+    print("integrity: " + (integrity.describe() if integrity is not None else "?"))
+    for path, reason in skipped:
+        print(f"  skipped {path.name}, newer but it does not load: {reason}")
     print(f"model: {type(model).__name__}" + (f" ({options})" if options else ""))
     table = layer_table(model)
     print(f"{'layer':<6} {'kind':<10} {'width':>6} {'params':>10}")

@@ -1,16 +1,21 @@
-"""``adaptnet resume RUN_DIR``: continue a stopped run from its latest checkpoint."""
+"""``adaptnet resume RUN_DIR``: continue a stopped run from its latest checkpoint.
+
+A checkpoint that fails to load (a file damaged, missing, or not matching its SHA-256 in
+``manifest.json``) is skipped with a warning naming it and why; the run goes on from the newest
+one that loads. With none, nothing is touched and the command exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summarize
+from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summarize, newest_loadable
 from adaptnet.train.build import build_run
-from adaptnet.train.checkpoint import CheckpointManager, load
 from adaptnet.train.config import load_config
 from adaptnet.train.distributed import is_main_process
-from adaptnet.train.rundir import CHECKPOINTS, CONFIG
+from adaptnet.train.rundir import CONFIG
 
 HELP = "continue a run from its latest checkpoint to its configured epochs"
 
@@ -35,16 +40,19 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs: must be an integer >= 1, got {args.epochs}")
     cfg = load_config(run_dir / CONFIG, [f"train.epochs={args.epochs}"] if args.epochs is not None else [])
-    latest = CheckpointManager(run_dir / CHECKPOINTS).latest()
-    if latest is None:
-        raise CLIError(f"{run_dir} has no checkpoint to resume from; start it again with `adaptnet train`")
-    model, state = load(latest)  # fail on a corrupt checkpoint before anything is touched
+    # Fails on damaged checkpoints before anything is touched.
+    none = f"{run_dir} has no checkpoint to resume from; start it again with `adaptnet train`"
+    latest, model, state, skipped = newest_loadable(run_dir, none)
     done = int(state.get("epoch", 0))
     if done > cfg.train.epochs:
         raise CLIError(f"{run_dir} has already trained {done} epochs; pass --epochs N with N > {done} to go on")
     main = is_main_process()  # under torchrun only rank 0 prints
+    for path, reason in skipped if main else []:
+        print(f"adaptnet: warning: skipping checkpoint {path.name}, it does not load ({reason}); "
+              f"resuming from {latest.name}", file=sys.stderr, flush=True)
     callbacks = [] if args.quiet or not main else [EpochPrinter(cfg.train.epochs)]
     built = build_run(cfg, run_dir, progress=not args.quiet and main, callbacks=callbacks)
     if not args.quiet and main:
         print(f"resuming {run_dir} from {latest.name} (epoch {done}): {describe(built, model)}", flush=True)
-    return fit_and_summarize(built, run_dir, resume=True)
+    built.trainer.resume(latest)  # the checkpoint chosen above, not necessarily the highest step
+    return fit_and_summarize(built, run_dir, resume=False)

@@ -1,10 +1,11 @@
 """Checkpoints: one folder per checkpoint, rebuilt without user code and read without unpickling objects.
 
-A checkpoint folder holds three files::
+A checkpoint folder holds four files::
 
     spec.json           {"adaptnet_checkpoint": 1, "model": model.spec()}   architecture after all edits
     model.safetensors   model.state_dict() (parameters and buffers), readable by safetensors alone
     state.pt            {"adaptnet_checkpoint": 1, "optimizer": ..., "scheduler": ..., "extra": {...}}
+    manifest.json       SHA-256 and size of each file above, written last (``_integrity``)
 
 ``state.pt`` holds only tensors and plain Python values, so ``torch.load(weights_only=True)``
 reads it; numpy values, modules and other objects are refused at save time, not converted.
@@ -32,6 +33,7 @@ from torch import nn
 
 from adaptnet.errors import CheckpointError
 from adaptnet.nn import model_from_spec
+from adaptnet.train import _integrity
 from adaptnet.train._state import check_plain, optimizer_state, qualname, restore_optimizer, saved_groups
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ def save(
         with open(tmp / STATE_FILE, "wb") as f:
             torch.save(payload, f)
             _fsync(f)
+        _integrity.write_manifest(tmp)  # last: it hashes the files as written
         _fsync_dir(tmp)
         _move_into_place(tmp, target)
     except BaseException:
@@ -142,7 +145,7 @@ def _check_replaceable(target: Path) -> None:
         return
     if not target.is_dir():
         raise CheckpointError(f"cannot save to {target}: it is a file, and a checkpoint is a folder")
-    if any(target.iterdir()) and not (target / SPEC_FILE).is_file():
+    if any(target.iterdir()) and not any((target / f).is_file() for f in (SPEC_FILE, _integrity.MANIFEST_FILE)):
         raise CheckpointError(f"refusing to replace {target}: it is a folder with files but not a checkpoint")
 
 
@@ -200,6 +203,7 @@ def load(path: PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.M
             corrupt, truncated or does not match ``spec.json``; the message names the file.
     """
     folder = _resolve(Path(path))
+    _integrity.check(folder)  # a damaged file is refused before anything is read from it
     spec = _read_spec(folder)
     device = torch.device(map_location)
     try:
