@@ -70,7 +70,9 @@ Request = Callable[[Setup], Any]
 INVALID: list[tuple[str, Request, str]] = [
     ("widen-unknown-layer", lambda s: an.widen(s.model, 3, 2, optimizer=s.optimizer), r"layer must be .*\[0, 2\]"),
     ("widen-negative-layer", lambda s: an.widen(s.model, -1, 2, optimizer=s.optimizer), r"\[0, 2\].*got -1"),
-    ("widen-layer-not-int", lambda s: an.widen(s.model, "0", 2, optimizer=s.optimizer), "layer must be an integer"),
+    ("widen-layer-not-a-group", lambda s: an.widen(s.model, "0", 2, optimizer=s.optimizer),
+     "'0' is not a unit group of AdaptiveMLP; nearest: blocks"),
+    ("widen-layer-float", lambda s: an.widen(s.model, 0.0, 2, optimizer=s.optimizer), "layer must be a group name"),
     ("widen-by-0", lambda s: an.widen(s.model, 0, 0, optimizer=s.optimizer), "by must be a positive integer"),
     ("widen-by-negative", lambda s: an.widen(s.model, 0, -3, optimizer=s.optimizer), "by must be a positive"),
     ("widen-by-float", lambda s: an.widen(s.model, 0, 1.5, optimizer=s.optimizer), "by must be a positive"),
@@ -142,16 +144,16 @@ def test_cnn_dense_removal_is_refused_and_rolled_back() -> None:
     assert_identical(before, capture(s.model, s.optimizer))
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: an.widen(m, 0, 2),
-    lambda m: an.prune(m, 0, keep=1),
-    lambda m: an.deepen(m, 0),
-    lambda m: an.remove_layer(m, 0),
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda m: an.widen(m, 0, 2), r"needs example inputs to trace Sequential"),
+    (lambda m: an.prune(m, "0", keep=1), r"needs example inputs to trace Sequential"),
+    (lambda m: an.deepen(m, 0), r"after must name a block inside an nn.Sequential"),
+    (lambda m: an.remove_layer(m, 0), r"layer must name a block"),
 ], ids=["widen", "prune", "deepen", "remove_layer"])
-def test_non_adaptive_model_is_refused(edit: Callable[[nn.Module], Any]) -> None:
+def test_a_model_never_traced_is_refused_with_what_to_do(edit: Callable[[nn.Module], Any], match: str) -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
     before = capture(model)
-    with pytest.raises(an.EditError, match=r"adaptive model.*Sequential"):
+    with pytest.raises(an.EditError, match=match):
         edit(model)
     assert_identical(before, capture(model))
 

@@ -16,18 +16,22 @@ from torch import nn
 from adaptnet.edit._probe import LossFn, backward_on
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.errors import EditError
-from adaptnet.nn.groups import UnitGroup
+from adaptnet.nn.groups import Slice, UnitGroup, unit_positions
 
 IMPORTANCES = ("magnitude", "taylor")
 
 
-def _per_unit(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1).to(torch.float64).sum(dim=1)
+def _per_unit(sl: Slice, t: torch.Tensor, units: int) -> torch.Tensor:
+    """``(units,)``: the sum of each unit's entries of ``t`` along ``sl.dim``."""
+    moved = t.movedim(sl.dim, 0)
+    if sl.layout is not None:
+        moved = moved[unit_positions(sl, units).flatten().to(t.device)]
+    return moved.reshape(units, -1).to(torch.float64).sum(dim=1)
 
 
 def magnitude(group: UnitGroup) -> torch.Tensor:
     """``(n_units,)`` L2 norms over the unit's ``out`` and ``in`` slices."""
-    squares = [_per_unit(sl.tensor.detach() ** 2, sl.dim) for sl in group.slices if sl.role != "norm"]
+    squares = [_per_unit(sl, sl.tensor.detach() ** 2, group.size) for sl in group.slices if sl.role != "norm"]
     return torch.stack(squares).sum(dim=0).sqrt()
 
 
@@ -41,7 +45,7 @@ def taylor(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | Non
             grad = sl.tensor.grad
             if grad is None:
                 raise EditError("importance='taylor' needs batch=(inputs, targets) and loss_fn=, or gradients in .grad")
-            terms.append(_per_unit(sl.tensor.detach() * grad, sl.dim))
+            terms.append(_per_unit(sl, sl.tensor.detach() * grad, group.size))
         return torch.stack(terms).sum(dim=0).abs()
 
     if batch is None:

@@ -29,7 +29,7 @@ from adaptnet.edit._probe import LossFn, backward_on
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.errors import EditError
-from adaptnet.nn.groups import Slice, UnitGroup
+from adaptnet.nn.groups import Slice, UnitGroup, unit_positions
 
 INITS = ("net2net", "firefly", "zero", "gradmax", "random")
 Plan = tuple[IndexMap, dict[int, torch.Tensor]]
@@ -40,32 +40,43 @@ def _uniform(shape: list[int], bound: float, like: torch.Tensor, generator: torc
     return (values * bound).to(device=like.device, dtype=like.dtype)
 
 
-def _fresh_shape(sl: Slice, n: int) -> list[int]:
+def _entries(sl: Slice, units: int) -> int:
+    """How many indices along ``sl.dim`` one unit owns (a head owns head_dim columns)."""
+    return 1 if sl.layout is None else int(unit_positions(sl, units).shape[1])
+
+
+def _fresh_shape(sl: Slice, n: int, units: int) -> list[int]:
     shape = list(sl.tensor.shape)
-    shape[sl.dim] = n
+    shape[sl.dim] = n * _entries(sl, units)
     return shape
 
 
-def _fan_in(sl: Slice, n_new: int) -> int:
-    """Fan-in of the layer owning ``sl`` after the edit (for a fresh layer's init bound)."""
-    weight = getattr(sl.module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+def _fan_in(sl: Slice, units: int, by: int) -> int:
+    """Fan-in of the layer owning ``sl`` after the edit (for a fresh layer's init bound).
+
+    A weight's fan-in is its size over its output dimension: for an ``out`` slice that is the
+    slice's own dim; for an ``in`` slice the output is the other one of the first two dims.
+    """
+    weight = sl.tensor if sl.name == "weight" else getattr(sl.module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise EditError(
             f"fresh random weights need a fan-in, read from a layer's .weight (Linear, Conv); "
             f"{type(sl.module).__name__} has none: use init='net2net' or 'gradmax' for this group"
         )
-    per_row = weight[0].numel()
     if sl.role == "in":  # the consumer's rows grow by the new columns
-        per_row = per_row // weight.shape[1] * n_new
-    return max(1, per_row)
+        out_dim = 1 if sl.dim == 0 else 0
+        grown = weight.shape[sl.dim] + by * _entries(sl, units)
+        return max(1, weight.numel() // weight.shape[sl.dim] * grown // weight.shape[out_dim])
+    out_dim = sl.dim if sl.tensor is weight else 0
+    return max(1, weight.numel() // weight.shape[out_dim])
 
 
 def _random_fresh(
     group: UnitGroup, by: int, roles: tuple[str, ...], generator: torch.Generator | None
 ) -> dict[int, torch.Tensor]:
-    n_new = group.size + by
+    n = group.size
     return {
-        k: _uniform(_fresh_shape(sl, by), 1 / math.sqrt(_fan_in(sl, n_new)), sl.tensor, generator)
+        k: _uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(_fan_in(sl, n, by)), sl.tensor, generator)
         for k, sl in enumerate(group.slices)
         if sl.role in roles
     }
@@ -97,15 +108,18 @@ def random(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan
     return IndexMap.append(group.size, torch.full((by,), -1)), _random_fresh(group, by, ("out", "in"), generator)
 
 
-def _columns(sl: Slice, t: torch.Tensor) -> torch.Tensor:
-    """``(n_units, per-unit numel)``: each unit's slice of ``t`` flattened."""
-    return t.movedim(sl.dim, 0).reshape(t.shape[sl.dim], -1)
+def _columns(sl: Slice, t: torch.Tensor, units: int) -> torch.Tensor:
+    """``(units, per-unit numel)``: each unit's entries of ``t`` flattened."""
+    moved = t.movedim(sl.dim, 0)
+    if sl.layout is not None:
+        moved = moved[unit_positions(sl, units).flatten().to(t.device)]
+    return moved.reshape(units, -1)
 
 
-def _from_columns(sl: Slice, cols: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_columns`` for ``cols`` of shape ``(n, per-unit numel)``."""
+def _from_columns(sl: Slice, cols: torch.Tensor, units: int) -> torch.Tensor:
+    """Inverse of ``_columns`` for ``cols`` of shape ``(n, per-unit numel)``: entries unit after unit."""
     moved = list(sl.tensor.movedim(sl.dim, 0).shape)
-    return cols.reshape([cols.shape[0], *moved[1:]]).movedim(0, sl.dim)
+    return cols.reshape([cols.shape[0] * _entries(sl, units), *moved[1:]]).movedim(0, sl.dim)
 
 
 def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
@@ -117,21 +131,21 @@ def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Los
     """
     n = group.size
     consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
-    widths = [_columns(sl, sl.tensor).shape[1] for _, sl in consumers]
+    widths = [_columns(sl, sl.tensor, n).shape[1] for _, sl in consumers]
     d_out = sum(widths)
     ref = consumers[0][1].tensor
     # Probe: d_out fresh units with zero incoming weights; unit i writes the one-hot e_i
     # into the concatenated consumer columns. Its incoming gradient is then row i of M.
     eye = torch.eye(d_out, dtype=ref.dtype, device=ref.device)
-    probe = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, eye.split(widths, dim=1), strict=True)}
+    probe = {k: _from_columns(sl, c, n) for (k, sl), c in zip(consumers, eye.split(widths, dim=1), strict=True)}
     snapshot = Snapshot(model, None)
     try:
-        apply_index_map(group, IndexMap.append(n, torch.full((d_out,), -1)), probe, None)
+        apply_index_map(group, IndexMap.append(n, torch.full((d_out,), -1)), probe, None, model)
         backward_on(model, batch, loss_fn, "gradient-guided growth")
         rows = []
         for sl in group.slices:
             if sl.role == "out" and isinstance(sl.tensor, nn.Parameter) and sl.tensor.grad is not None:
-                rows.append(_columns(sl, sl.tensor.grad)[n:])
+                rows.append(_columns(sl, sl.tensor.grad, n + d_out)[n:])
         return torch.cat(rows, dim=1).to(torch.float64)
     finally:
         snapshot.restore()
@@ -139,7 +153,8 @@ def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Los
 
 def _outgoing_norm(group: UnitGroup) -> float:
     """Mean norm of the existing units' outgoing weights (all consumer columns together)."""
-    existing = torch.cat([_columns(sl, sl.tensor.detach()) for sl in group.slices if sl.role == "in"], dim=1)
+    existing = torch.cat([_columns(sl, sl.tensor.detach(), group.size) for sl in group.slices if sl.role == "in"],
+                         dim=1)
     norm = float(existing.to(torch.float64).norm(dim=1).mean())
     return norm if norm > 0 else 1.0
 
@@ -159,7 +174,7 @@ def growth_score(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_f
 def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> Plan:
     n = group.size
     consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
-    widths = [_columns(sl, sl.tensor).shape[1] for _, sl in consumers]
+    widths = [_columns(sl, sl.tensor, n).shape[1] for _, sl in consumers]
     ref = consumers[0][1].tensor
     u, s, _ = torch.linalg.svd(gradient_matrix(model, group, batch, loss_fn), full_matrices=False)
     rank = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
@@ -172,5 +187,5 @@ def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: Lo
     directions = u[:, picks].T * signs[:, None]  # (by, d_out), unit-norm rows
     # New outgoing columns get the mean norm of the existing units' outgoing columns.
     outgoing = (directions * _outgoing_norm(group)).to(ref.dtype)
-    fresh = {k: _from_columns(sl, c) for (k, sl), c in zip(consumers, outgoing.split(widths, dim=1), strict=True)}
+    fresh = {k: _from_columns(sl, c, n) for (k, sl), c in zip(consumers, outgoing.split(widths, dim=1), strict=True)}
     return IndexMap.append(n, torch.full((by,), -1)), fresh

@@ -2,18 +2,21 @@
 
 Each one validates the whole request first, then applies it inside a transaction (any
 failure restores model and optimizer bit for bit), carries the optimizer along, and
-returns an ``Edit`` record. Width edits are index maps on unit groups; depth edits ask the
-model to insert or remove a block and then re-point the optimizer at the new parameters.
+returns an ``Edit`` record. Width edits are index maps on unit groups, named or numbered
+(``adaptnet.unit_groups``); depth edits insert or remove a block (``adaptnet.edit.depth``) and
+then re-point the optimizer at the new parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from adaptnet.edit import depth as _depth
 from adaptnet.edit import importance as _importance
 from adaptnet.edit import init as _init
 from adaptnet.edit._apply import apply_index_map
@@ -24,30 +27,33 @@ from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
+from adaptnet.groups import find_group, unit_groups
 from adaptnet.nn.groups import UnitGroup
 
 Optimizer = torch.optim.Optimizer
+Layer = int | str
+
+# Ops whose statistics stay the same when every unit is copied equally often.
+_MEAN_LIKE = frozenset({"layer_norm", "rms_norm", "group_norm", "mean", "var", "std", "var_mean", "std_mean"})
 
 
-def _groups(model: nn.Module, what: str) -> list[UnitGroup]:
-    unit_groups = getattr(model, "unit_groups", None)
-    if not callable(unit_groups):
-        raise EditError(
-            f"{what} needs an adaptive model (AdaptiveMLP, AdaptiveCNN, or a module with unit_groups()); "
-            f"got {type(model).__name__}"
-        )
-    groups: list[UnitGroup] = unit_groups()
-    return groups
-
-
-def _layer_index(value: Any, count: int, name: str, widths: Sequence[int]) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
-        raise EditError(
-            f"{name} must be an integer in [0, {count - 1}] (the model has {count} hidden layers, "
-            f"widths {list(widths)}); got {value!r}"
-            if count else f"{name}={value!r}: the model has no hidden layer"
-        )
-    return value
+def _check_exact(group: UnitGroup, init: str, by: int) -> None:
+    """Refuse an init that is meant to keep the function where this group makes that impossible."""
+    if init == "random":
+        return
+    hint = ""
+    if group.tied:
+        why = f"{', '.join(group.tied)} both computes and reads its units (tied weights)"
+    elif not group.mixed or (init in ("net2net", "firefly") and group.mixed <= _MEAN_LIKE and by % group.size == 0):
+        return
+    else:
+        why = f"its units are combined by {', '.join(sorted(group.mixed))}, whose statistics new units change"
+        if init in ("net2net", "firefly") and group.mixed <= _MEAN_LIKE:
+            hint = f"; net2net is exact here when by is a multiple of its {group.size} units"
+    raise EditError(
+        f"init={init!r} cannot keep the function of group {group.name!r}: {why}{hint}; pass exact=False "
+        "to widen anyway (Edit.max_output_change reports the change when batch= is given)"
+    )
 
 
 def _positive(value: Any, name: str) -> int:
@@ -57,7 +63,13 @@ def _positive(value: Any, name: str) -> int:
 
 
 def _widths(model: nn.Module) -> tuple[int, ...]:
-    return tuple(getattr(model, "widths", ()))
+    widths = getattr(model, "widths", None)
+    if widths is not None:
+        return tuple(widths)
+    try:
+        return tuple(g.size for g in unit_groups(model).values())
+    except EditError:  # never traced (an edit of a part of it, such as grow_experts on an MoE)
+        return ()
 
 
 def _count(model: nn.Module) -> int:
@@ -96,7 +108,7 @@ def _run(
 
 def widen(
     model: nn.Module,
-    layer: int,
+    layer: Layer,
     by: int,
     init: str = "net2net",
     optimizer: Optimizer | None = None,
@@ -105,25 +117,29 @@ def widen(
     *,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
+    exact: bool = True,
 ) -> Edit:
-    """Add ``by`` units to hidden layer ``layer``; they are appended after the existing ones.
+    """Add ``by`` units to a unit group; they are appended after the existing ones.
 
     Args:
-        model: an adaptive model.
-        layer: hidden layer index (see ``model.widths``).
-        by: number of units (channels) to add.
+        model: any ``nn.Module`` (traced once: see ``adaptnet.unit_groups``).
+        layer: a group name (``"fc1"``) or its index in ``unit_groups(model)`` (``model.widths``).
+        by: number of units (channels, heads) to add.
         init: ``"net2net"``, ``"firefly"``, ``"zero"``, ``"gradmax"`` (all exact) or ``"random"``.
         optimizer: carried along: same parameter objects, per-element state remapped.
         batch: ``(inputs, targets)`` (``gradmax``), or inputs alone to measure the output change.
         loss_fn: ``loss_fn(outputs, targets)``, needed by ``gradmax``.
         noise: ``net2net``/``firefly``: relative symmetry-breaking noise on the split shares (exact).
         generator: the random source for unit choice and fresh weights.
+        exact: refuse (``EditError``) an exact init that this group cannot keep exact (units
+            mixed by a LayerNorm or a mean, tied weights); False widens anyway.
     """
-    groups = _groups(model, "widen")
-    group = groups[_layer_index(layer, len(groups), "layer", _widths(model))]
+    group = find_group(model, layer, "layer")
     _positive(by, "by")
     if init not in _init.INITS:
         raise EditError(f"init must be one of {', '.join(_init.INITS)}; got {init!r}")
+    if exact:
+        _check_exact(group, init, by)
     if init in ("gradmax", "firefly"):
         if loss_fn is None:
             raise EditError(f"init='{init}' needs batch=(inputs, targets) and loss_fn=")
@@ -144,15 +160,15 @@ def widen(
             imap, fresh = _init.random(group, by, generator)
         else:
             imap, fresh = _init.gradmax(model, group, by, batch, loss_fn)
-        apply_index_map(group, imap, fresh, optimizer)
+        apply_index_map(group, imap, fresh, optimizer, model)
         return tuple(range(n, n + by)), ()
 
-    return _run(model, optimizer, batch, body, op="widen", layer=layer, group=group.name, init=init)
+    return _run(model, optimizer, batch, body, op="widen", layer=group.layer, group=group.name, init=init)
 
 
 def prune(
     model: nn.Module,
-    layer: int,
+    layer: Layer,
     amount: float | None = None,
     keep: int | None = None,
     units: Sequence[int] | None = None,
@@ -161,15 +177,14 @@ def prune(
     batch: Any = None,
     loss_fn: LossFn | None = None,
 ) -> Edit:
-    """Remove units of hidden layer ``layer``; the survivors keep their order.
+    """Remove units of a unit group (``layer``: its name or index); the survivors keep their order.
 
     Give exactly one of ``amount`` (a fraction in (0, 1)), ``keep`` (units left) or
     ``units`` (indices to remove). With ``amount``/``keep`` the least important units go,
     by ``importance`` (``"magnitude"`` or ``"taylor"``). ``batch`` measures the output change
     (and feeds ``taylor``, which also needs ``loss_fn``).
     """
-    groups = _groups(model, "prune")
-    group = groups[_layer_index(layer, len(groups), "layer", _widths(model))]
+    group = find_group(model, layer, "layer")
     n = group.size
     given = [name for name, v in (("amount", amount), ("keep", keep), ("units", units)) if v is not None]
     if len(given) != 1:
@@ -185,7 +200,7 @@ def prune(
             raise EditError(f"amount={amount} of {n} units rounds to 0 units; use a larger amount or units=")
     elif keep is not None:
         if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= n:
-            raise EditError(f"keep must be an integer in [1, {n}] (layer {layer} has {n} units), got {keep!r}")
+            raise EditError(f"keep must be an integer in [1, {n}] ({group.name} has {n} units), got {keep!r}")
         n_remove = n - keep
     else:
         assert units is not None
@@ -194,7 +209,7 @@ def prune(
             raise EditError(f"units must be distinct integers in [0, {n - 1}], got {list(units)!r}")
         n_remove = len(chosen)
     if n_remove >= n:
-        raise EditError(f"pruning all {n} units of layer {layer} would cut the network; keep at least 1")
+        raise EditError(f"pruning all {n} units of {group.name} would cut the network; keep at least 1")
     if importance == "taylor" and chosen is None and batch is not None:
         if loss_fn is None:
             raise EditError("importance='taylor' with batch= needs loss_fn=")
@@ -209,78 +224,130 @@ def prune(
             removed = sorted(torch.argsort(scores, stable=True)[:n_remove].tolist())
         gone = set(removed)  # built once: a set per unit made this quadratic in the width
         kept = torch.tensor([u for u in range(n) if u not in gone], dtype=torch.long)
-        apply_index_map(group, IndexMap.keep(kept), {}, optimizer)
+        apply_index_map(group, IndexMap.keep(kept), {}, optimizer, model)
         return (), tuple(removed)
 
     init = None if units is not None else importance
-    return _run(model, optimizer, batch, body, op="prune", layer=layer, group=group.name, init=init)
+    return _run(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
 
 
-def _depth_capable(model: nn.Module, what: str) -> list[UnitGroup]:
-    groups = _groups(model, what)
+def _own_index(model: nn.Module, value: Any, name: str) -> int:
+    """Depth edits by index: adaptnet's own models, which insert their own residual blocks."""
     if not callable(getattr(model, "insert_residual", None)) or not callable(getattr(model, "remove_block", None)):
         raise EditError(
-            f"{what} needs a model with insert_residual() and remove_block(); {type(model).__name__} has none"
+            f"{name} must name a block inside an nn.Sequential or nn.ModuleList of residual blocks of "
+            f"{type(model).__name__} (such as 'blocks.3'); got {value!r}"
         )
-    return groups
+    widths = _widths(model)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(widths):
+        raise EditError(
+            f"{name} must be an integer in [0, {len(widths) - 1}] (the model has {len(widths)} hidden layers, "
+            f"widths {list(widths)}); got {value!r}"
+            if widths else f"{name}={value!r}: the model has no hidden layer"
+        )
+    return value
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 def deepen(
     model: nn.Module,
-    after: int,
+    after: Layer,
     init: str = "identity",
     optimizer: Optimizer | None = None,
     *,
     width: int | None = None,
     batch: Any = None,
 ) -> Edit:
-    """Insert a hidden layer after layer ``after`` that computes the identity.
+    """Insert a block after ``after`` that computes the identity.
 
-    The new layer is a residual block ``x + op2(act(norm(op1(x))))`` whose ``op2`` starts at
-    zero: exact with any normalisation and activation. Its inner width is ``width``
-    (default: the stream's width). Its parameters join the optimizer's param group of
-    the layer before it.
+    ``after`` names a block of a user's model (``"blocks.3"``: an ``nn.Sequential`` or
+    ``nn.ModuleList`` of residual blocks): a copy of it is inserted with its output
+    projections at zero (``init="identity"``; ``"fresh"`` re-initialises the copy's other
+    weights first), or its last norm's scale at zero where a norm follows the projections
+    (``relu(bn(conv(x)) + x)``). Exact to the bit, or refused (``EditError``) for a block that
+    is not residual. See ``adaptnet.edit.depth``.
+
+    ``after`` as an index adds a residual block ``x + op2(act(norm(op1(x))))`` with ``op2`` at
+    zero to adaptnet's own models; its inner width is ``width`` (default: the stream's width).
+    New parameters join the optimizer's param group of the layer before them.
     """
-    groups = _depth_capable(model, "deepen")
-    _layer_index(after, len(groups), "after", _widths(model))
+    if isinstance(after, str):
+        _depth.locate(model, after, "after")
+        if init not in _depth.DEPTH_INITS:
+            raise EditError(f"init must be one of {', '.join(_depth.DEPTH_INITS)}; got {init!r}")
+        if width is not None:
+            raise EditError("width= applies to adaptnet's own models; a copied block keeps its widths")
+        inserted: list[str] = []
+
+        def insert() -> tuple[tuple[int, ...], tuple[int, ...]]:
+            before = list(model.parameters())
+            name, _ = _depth.insert_block(model, after, init)
+            _depth.record_insert(model, after, init)
+            inserted.append(name)
+            if optimizer is not None:
+                sync_parameters(optimizer, model, before)
+            return (), ()
+
+        record = _run(model, optimizer, batch, insert, op="deepen", layer=-1, group=after, init=init)
+        return replace(record, group=inserted[0])
+    index = _own_index(model, after, "after")
     if init != "identity":
-        raise EditError(f"deepen supports init='identity' only; got {init!r}")
+        raise EditError(f"deepen of adaptnet's own models supports init='identity' only; got {init!r}")
     if width is not None:
         _positive(width, "width")
+    names: list[str] = []
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
         before = list(model.parameters())
-        block = model.insert_residual(after, width)  # type: ignore[operator]
+        block = model.insert_residual(index, width)  # type: ignore[operator]
+        names.append(_name_of(model, block))
         if optimizer is not None:
             sync_parameters(optimizer, model, before)
         return tuple(range(int(block.width))), ()
 
-    return _run(model, optimizer, batch, body, op="deepen", layer=after + 1, group=f"blocks.{after + 1}", init=init)
+    record = _run(model, optimizer, batch, body, op="deepen", layer=index + 1, group="", init=init)
+    return replace(record, group=names[0])
 
 
 def remove_layer(
     model: nn.Module,
-    layer: int,
+    layer: Layer,
     optimizer: Optimizer | None = None,
     *,
     batch: Any = None,
 ) -> Edit:
-    """Remove hidden layer ``layer``.
+    """Remove a block: ``layer`` names one in a stack of a user's model (``"blocks.3"``), or is
+    the index of a hidden layer of adaptnet's own models.
 
-    A residual block is simply dropped (exact when its last layer is zero). An MLP dense
+    A residual block is simply dropped (exact when its output is zero). An ``AdaptiveMLP`` dense
     layer is merged into its consumer as their linear composition (its norm and activation
     dropped); the consumer's optimizer state restarts. The output change is reported on
     ``batch``.
     """
-    groups = _depth_capable(model, "remove_layer")
-    _layer_index(layer, len(groups), "layer", _widths(model))
-    width = groups[layer].size
+    if isinstance(layer, str):
+        _depth.locate(model, layer, "layer")
+
+        def drop() -> tuple[tuple[int, ...], tuple[int, ...]]:
+            before = list(model.parameters())
+            _depth.remove_block(model, layer)
+            if optimizer is not None:
+                sync_parameters(optimizer, model, before)
+            return (), ()
+
+        return _run(model, optimizer, batch, drop, op="remove_layer", layer=-1, group=layer, init=None)
+    index = _own_index(model, layer, "layer")
+    width = _widths(model)[index]
+    blocks = getattr(model, "blocks", None)
+    name = _name_of(model, blocks[index]) if isinstance(blocks, nn.ModuleList) else str(index)
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
         before = list(model.parameters())
-        model.remove_block(layer)  # type: ignore[operator]
+        model.remove_block(index)  # type: ignore[operator]
         if optimizer is not None:
             sync_parameters(optimizer, model, before)
         return (), tuple(range(width))
 
-    return _run(model, optimizer, batch, body, op="remove_layer", layer=layer, group=f"blocks.{layer}", init=None)
+    return _run(model, optimizer, batch, body, op="remove_layer", layer=index, group=name, init=None)

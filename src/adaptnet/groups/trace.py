@@ -1,0 +1,389 @@
+"""Unit groups of any ``nn.Module``, found by tracing it once with ``torch.export``.
+
+``unit_groups(model, example_inputs=(x,))`` exports the model (non-strict: Python runs as
+usual, tensors are fake, so a trace of a small model takes tens of milliseconds), walks the
+graph with the rules of ``_rules.py``, and turns every free dimension variable that some
+parameter computes into a ``UnitGroup`` named after the module that first computes it
+(``"fc1"``, ``"layers.0.mlp.up_proj"``). The analysis is cached on the model and reused as
+long as its modules and parameter names stay the same: width edits change only sizes, which
+are read back from the tensors, so only depth edits (new modules) trace again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from adaptnet.errors import EditError
+from adaptnet.groups._dims import Cat, Dims, Layout, Mul
+from adaptnet.groups._rules import rule_for
+from adaptnet.groups._walk import Walk, shape_of
+from adaptnet.nn.groups import Layout as SliceLayout
+from adaptnet.nn.groups import Slice, UnitGroup
+
+logger = logging.getLogger(__name__)
+
+_CACHE = "_adaptnet_trace"
+_NORM_FILL = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One tensor dimension of a group: ``param`` (qualified name), ``dim``, its layout tree."""
+
+    param: str
+    dim: int
+    tree: Layout
+    role: str
+    fill: float | None
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    var: int
+    parts: tuple[_Part, ...]
+    mixed: frozenset[str]
+    tied: tuple[str, ...]
+
+
+@dataclass
+class Trace:
+    """What one trace found: the groups and, for every other parameter dim, why it is fixed."""
+
+    key: tuple[Any, ...]
+    example_inputs: tuple[Any, ...]
+    groups: list[_Group]
+    sizes: dict[int, int]  # every leaf variable's size at trace time
+    fixed: dict[str, str] = field(default_factory=dict)  # "param[dim]" -> why it is not a group
+    # Every parameter/buffer dim, groups or not: its variables and its role. Depth edits find a
+    # block's writers into the residual stream from these, even where the stream is fixed.
+    variables: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
+    roles: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+def structure_key(model: nn.Module) -> tuple[Any, ...]:
+    """Changes when modules are added, removed or replaced; not when tensors change shape."""
+    return tuple((name, type(m)) for name, m in model.named_modules()) + tuple(
+        name for name, _ in model.named_parameters()) + tuple(name for name, _ in model.named_buffers())
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (tuples, dicts, HF ModelOutput); other objects (caches) skipped."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _Functional(nn.Module):
+    """The model as a function of its parameters, buffers and inputs, returning its tensors only.
+
+    The model is not a submodule: export then sees aliases of the parameters (as inputs), never
+    the parameters themselves, so that it leaves no weak references on them (tensors with weak
+    references cannot be swapped, which is how edits change a parameter's shape).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.held = [model]
+        self.names = names
+
+    def forward(self, tensors: tuple[torch.Tensor, ...], args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        state = dict(zip(self.names, tensors, strict=True))
+        return tuple(_tensors(torch.func.functional_call(self.held[0], state, args)))
+
+
+def _export(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """Export ``model``; returns the program and the names of its first inputs (its tensors)."""
+    modes = [(m, m.training) for m in model.modules()]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    names, tensors = [], []
+    for kind in (model.named_parameters, model.named_buffers):
+        for name, t in kind():
+            names.append(name)
+            tensors.append(t.detach())
+    model.eval()
+    try:
+        if use_cache:  # a Hugging Face model: a key/value cache is not part of the function
+            config.use_cache = False  # type: ignore[union-attr]
+        program = torch.export.export(_Functional(model, names), (tuple(tensors), example_inputs), strict=False)
+        return program, names
+    except Exception as err:
+        raise EditError(
+            f"adaptnet could not trace {type(model).__name__} with the example inputs to find its unit groups: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Pass example_inputs= that "
+            "run the model's forward as in training, and avoid Python control flow that depends on tensor "
+            "values (or hand-declare the groups with a unit_groups() method)"
+        ) from err
+    finally:
+        if use_cache:
+            config.use_cache = use_cache  # type: ignore[union-attr]
+        for m, mode in modes:
+            m.training = mode
+
+
+def _walk(program: torch.export.ExportedProgram, names: list[str]) -> tuple[Walk, dict[str, fx.Node]]:
+    """Run the rules over the graph; returns the walk and the placeholder of every parameter/buffer.
+
+    The program's first inputs are the model's parameters and buffers, ``names`` in order.
+    """
+    sig = program.graph_signature
+    param_of = dict(zip(sig.user_inputs, names, strict=False))
+    dims = Dims()
+    walk = Walk(dims)
+    placeholders: dict[str, fx.Node] = {}
+    for node in program.graph.nodes:
+        walk.position += 1
+        if node.op == "placeholder":
+            shape = shape_of(node)
+            if shape is None:
+                continue
+            if node.name in param_of:
+                name = param_of[node.name]
+                placeholders[name] = node
+                walk.env[node] = walk.fresh(shape, "")
+                for x in walk.env[node]:
+                    dims.fixed.pop(x)  # parameters are what groups are made of
+                walk.origin[node] = (name, list(range(len(shape))))
+            else:
+                walk.env[node] = walk.fresh(shape, "a model input" if node.name in sig.user_inputs else "a constant")
+        elif node.op == "call_function":
+            rule = rule_for(node)
+            out = rule(walk, node) if rule is not None else None
+            val = node.meta.get("val")
+            if rule is None or (out is None and (isinstance(val, torch.Tensor) or (
+                    isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val)))):
+                why = f"op {node.target} (no rule)" if rule is None else f"op {node.target} (unexpected arguments)"
+                if isinstance(val, torch.Tensor):
+                    out = walk.fresh(val.shape, why)
+                elif isinstance(val, (tuple, list)):
+                    out = [walk.fresh(v.shape, why) if isinstance(v, torch.Tensor) else None for v in val]
+                walk.env[node] = out
+                walk.fix_node(node, why)
+            walk.env[node] = out
+        elif node.op == "output":
+            for arg in node.args[0]:
+                for x in walk.lay(arg) or ():
+                    dims.fix(x, "a model output")
+    dims.settle()
+    return walk, placeholders
+
+
+def _tree(dims: Dims, x: Layout) -> Layout:
+    x = dims.resolve(x)
+    if isinstance(x, int):
+        return x
+    parts = tuple(_tree(dims, p) for p in x.parts)
+    return Cat(parts) if isinstance(x, Cat) else Mul(parts)
+
+
+def _role(uses: list[tuple[str, int]]) -> tuple[str, float | None, bool]:
+    roles = {r for r, _ in uses}
+    if "out" in roles:
+        return "out", None, "in" in roles
+    if "in" in roles:
+        return "in", None, False
+    if roles == {"scale"}:
+        return "norm", 1.0, False
+    if roles <= {"shift"} and roles:
+        return "norm", 0.0, False
+    return "norm", None, False
+
+
+def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
+    program, names = _export(model, example_inputs)
+    walk, placeholders = _walk(program, names)
+    dims = walk.dims
+    _fix_module_constraints(model, walk, placeholders)
+    dims.settle()
+    parts: dict[int, list[_Part]] = {}
+    first_out: dict[int, tuple[int, str]] = {}
+    fixed: dict[str, str] = {}
+    sizes: dict[int, int] = {}
+    variables: dict[tuple[str, int], tuple[int, ...]] = {}
+    roles: dict[tuple[str, int], str] = {}
+    for name, node in placeholders.items():
+        for d, layout in enumerate(walk.env[node]):
+            tree = _tree(dims, layout)
+            leaves = dims.leaves(tree)
+            sizes.update({v: dims.size(v) for v in leaves})
+            uses = walk.uses.get((name, d), [])
+            role, fill, tied = _role(uses)
+            variables[(name, d)] = tuple(dims.find(v) for v in leaves)
+            roles[(name, d)] = role
+            free = [v for v in dict.fromkeys(leaves) if v not in dims.fixed and dims.size(v) > 0]
+            if not free and dims.size(tree) > 1:
+                fixed[f"{name}[{d}]"] = dims.fixed.get(leaves[0], "fixed") if leaves else "empty"
+            for v in free:
+                if leaves.count(v) > 1 and not isinstance(tree, Cat):
+                    dims.fixed[v] = f"units appear twice in {name}[{d}]"
+                    continue
+                parts.setdefault(v, []).append(_Part(name, d, tree, role, fill))
+                if role == "out":
+                    position = min((p for r, p in uses if r == "out"), default=1 << 30)
+                    if v not in first_out or position < first_out[v][0]:
+                        first_out[v] = (position, name)
+                if tied:
+                    parts[v][-1] = _Part(name, d, tree, "out", fill)
+    groups: list[_Group] = []
+    taken: set[str] = set()
+    for v, (_, param) in sorted(first_out.items(), key=lambda item: item[1][0]):
+        if v in dims.fixed:
+            continue
+        base = param.rpartition(".")[0] or param
+        name, k = base, 2
+        while name in taken:
+            name, k = f"{base}#{k}", k + 1
+        taken.add(name)
+        group_parts = tuple(parts[v])
+        tied_names = tuple(p.param for p in group_parts
+                           if {r for r, _ in walk.uses.get((p.param, p.dim), [])} >= {"out", "in"})
+        groups.append(_Group(name, v, group_parts, frozenset(dims.mixed.get(v, ())), tied_names))
+    return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles)
+
+
+def _fix_module_constraints(model: nn.Module, walk: Walk, placeholders: dict[str, fx.Node]) -> None:
+    """Constraints the graph cannot show: ``nn.MultiheadAttention`` asserts in Python that
+    ``num_heads * head_dim == embed_dim`` (the width of its input), so neither can change alone."""
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for pname, _ in module.named_parameters(prefix=prefix):
+                node = placeholders.get(pname)
+                for layout in walk.env.get(node, []) if node is not None else []:
+                    walk.dims.fix(layout, "nn.MultiheadAttention needs num_heads * head_dim == embed_dim")
+
+
+# -- from a trace to UnitGroups for the model as it is now ----------------------------------------
+def _tree_size(tree: Layout, sizes: Mapping[int, int]) -> int:
+    if isinstance(tree, int):
+        return sizes[tree]
+    values = [_tree_size(p, sizes) for p in tree.parts]
+    if isinstance(tree, Cat):
+        return sum(values)
+    total = 1
+    for s in values:
+        total *= s
+    return total
+
+
+def _current_sizes(model: nn.Module, trace: Trace) -> dict[int, int]:
+    """Group sizes read back from the tensors (edits change them; the trace does not)."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    sizes = dict(trace.sizes)
+    pending = {g.var for g in trace.groups}
+    while pending:
+        solved = set()
+        for g in trace.groups:
+            if g.var not in pending:
+                continue
+            for part in g.parts:
+                others = [v for v in _leaves(part.tree) if v != g.var]
+                if any(v in pending for v in others):
+                    continue
+                b = _tree_size(part.tree, {**sizes, g.var: 0})
+                a = _tree_size(part.tree, {**sizes, g.var: 1}) - b
+                sizes[g.var] = (int(tensors[part.param].shape[part.dim]) - b) // a
+                solved.add(g.var)
+                break
+        if not solved:
+            raise EditError("the model's tensor shapes no longer match its traced structure; trace it again "
+                            "with adaptnet.unit_groups(model, example_inputs=...)")
+        pending -= solved
+    return sizes
+
+
+def _leaves(tree: Layout) -> list[int]:
+    return [tree] if isinstance(tree, int) else [v for p in tree.parts for v in _leaves(p)]
+
+
+def _concrete(tree: Layout, var: int, sizes: Mapping[int, int]) -> SliceLayout:
+    if isinstance(tree, int):
+        return ("g",) if tree == var else ("n", sizes[tree])
+    kind = "cat" if isinstance(tree, Cat) else "mul"
+    return (kind, tuple(_concrete(p, var, sizes) for p in tree.parts))
+
+
+def _build(model: nn.Module, trace: Trace) -> dict[str, UnitGroup]:
+    sizes = _current_sizes(model, trace)
+    out: dict[str, UnitGroup] = {}
+    for layer, g in enumerate(trace.groups):
+        slices = []
+        for part in sorted(g.parts, key=lambda p: ("out", "norm", "in").index(p.role)):
+            module_name, _, attr = part.param.rpartition(".")
+            layout = None if part.tree == g.var else _concrete(part.tree, g.var, sizes)
+            slices.append(Slice(model.get_submodule(module_name), attr, part.dim, part.role,  # type: ignore[arg-type]
+                                layout, part.fill))
+        out[g.name] = UnitGroup(g.name, layer, tuple(slices), sizes[g.var], g.mixed, g.tied)
+    return out
+
+
+def trace(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Trace:
+    """The model's cached trace, traced again when its modules changed or new inputs are given."""
+    cached: Trace | None = model.__dict__.get(_CACHE)
+    key = structure_key(model)
+    if example_inputs is None:
+        if cached is not None and cached.key == key:
+            return cached
+        if cached is not None:
+            example_inputs = cached.example_inputs
+        elif callable(getattr(model, "example_inputs", None)):
+            example_inputs = model.example_inputs()  # type: ignore[operator]
+        else:
+            raise EditError(
+                f"adaptnet needs example inputs to trace {type(model).__name__} once: call "
+                "adaptnet.unit_groups(model, example_inputs=(x,)) first (x: a batch as forward() takes it)"
+            )
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    result = _analyse(model, inputs)
+    model.__dict__[_CACHE] = result
+    logger.debug("traced %s: %d unit groups", type(model).__name__, len(result.groups))
+    return result
+
+
+def unit_groups(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> dict[str, UnitGroup]:
+    """Every unit group of ``model``, in the order the forward pass computes them.
+
+    Args:
+        model: any ``nn.Module``. A model with its own ``unit_groups()`` method (hand-declared
+            groups, such as ``adaptnet.MoE``) is asked instead of traced.
+        example_inputs: the positional inputs of one forward call (a tensor or a tuple). Needed
+            the first time; kept with the cached trace for later re-traces (after depth edits).
+
+    Returns:
+        An ordered mapping from group name (the module that first computes the units) to
+        ``UnitGroup``.
+    """
+    declared = getattr(model, "unit_groups", None)
+    if callable(declared):
+        return {g.name: g for g in declared()}
+    return _build(model, trace(model, example_inputs))
+
+
+def find_group(model: nn.Module, layer: Any, what: str) -> UnitGroup:
+    """The group ``layer`` names (a group name, or an index into the groups' order)."""
+    groups = unit_groups(model)
+    names = list(groups)
+    if isinstance(layer, str):
+        if layer in groups:
+            return groups[layer]
+        near = difflib.get_close_matches(layer, names, n=3, cutoff=0.3) or names[:5]
+        raise EditError(f"{what}: {layer!r} is not a unit group of {type(model).__name__}; "
+                        f"nearest: {', '.join(near) if near else 'none (no groups)'}")
+    if isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < len(names):
+        return groups[names[layer]]
+    raise EditError(
+        f"{what} must be a group name or an integer in [0, {len(names) - 1}] (the model has {len(names)} "
+        f"unit groups, widths {[g.size for g in groups.values()]}); got {layer!r}"
+        if names else f"{what}={layer!r}: {type(model).__name__} has no hidden layer (no unit group)")
