@@ -17,6 +17,7 @@ from adaptnet.edit import (
     widen,
 )
 from adaptnet.errors import EditError
+from adaptnet.groups import unit_groups
 from adaptnet.nn import (
     ACT,
     AdaptiveCNN,
@@ -93,5 +94,6 @@ __all__ = [
     "remove_layer",
     "restore_optimizer",
     "save",
+    "unit_groups",
     "widen",
 ]
