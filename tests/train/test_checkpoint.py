@@ -228,9 +228,15 @@ def test_save_refuses_what_weights_only_cannot_read(tmp_path: Path, extra: dict[
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary folder left
 
 
-def test_save_refuses_foreign_models_optimizers_and_folders(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"has no spec\(\)"):
-        ck.save(tmp_path / "c", nn.Linear(2, 2))
+def test_a_users_model_loads_only_into_an_instance_the_user_gives(tmp_path: Path) -> None:
+    ck.save(tmp_path / "c", nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match=r"holds a torch.nn.modules.linear.Linear, a class of yours: pass model="):
+        ck.load(tmp_path / "c")
+    loaded, _ = ck.load(tmp_path / "c", model=nn.Linear(2, 2))
+    assert isinstance(loaded, nn.Linear)
+
+
+def test_save_refuses_foreign_optimizers_and_folders(tmp_path: Path) -> None:
     model = an.AdaptiveMLP(3, [4], 2)
     opt = torch.optim.SGD([*model.parameters(), torch.zeros(2, requires_grad=True)], lr=0.1)
     with pytest.raises(CheckpointError, match="not parameters of the model"):

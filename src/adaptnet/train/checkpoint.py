@@ -33,7 +33,7 @@ from torch import nn
 
 from adaptnet.errors import CheckpointError
 from adaptnet.nn import model_from_spec
-from adaptnet.train import _integrity
+from adaptnet.train import _any_model, _integrity
 from adaptnet.train._state import check_plain, optimizer_state, qualname, restore_optimizer, saved_groups
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,7 @@ def save(
 
 def _spec_json(model: nn.Module) -> str:
     spec_fn = getattr(model, "spec", None)
-    if not callable(spec_fn):
-        raise CheckpointError(
-            f"{type(model).__name__} has no spec(): a checkpoint rebuilds its model from spec(); use an adaptnet "
-            "model or give yours spec()/from_spec() and register it with @adaptnet.register_model"
-        )
-    spec = spec_fn()
+    spec = spec_fn() if callable(spec_fn) else _any_model.traced_spec(model)
     try:
         return json.dumps({"adaptnet_checkpoint": FORMAT, "model": spec}, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
@@ -183,7 +178,9 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # -- loading --------------------------------------------------------------------------------
-def load(path: PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load(
+    path: PathLike, map_location: str | torch.device = "cpu", model: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint from its spec and load its weights (and dtypes).
 
     The global RNG state is left as it was (building the model draws initial weights).
@@ -192,6 +189,11 @@ def load(path: PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.M
     Args:
         path: a checkpoint folder written by ``save``.
         map_location: device for the weights and every tensor of the state.
+        model: for a checkpoint of a user's model (one without ``spec()``), a freshly built
+            instance of its class: it is given the saved shapes (group sizes, depth edits) and
+            returned with the saved weights. adaptnet never imports a class that a checkpoint
+            names. adaptnet's own models rebuild themselves from their spec; ``model`` is then
+            not needed.
 
     Returns:
         ``(model, state)``: ``state["optimizer"]`` (for ``restore_optimizer``) and
@@ -206,11 +208,21 @@ def load(path: PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.M
     _integrity.check(folder)  # a damaged file is refused before anything is read from it
     spec = _read_spec(folder)
     device = torch.device(map_location)
-    try:
+    if spec.get("type") == _any_model.TYPE:
+        if model is None:
+            raise CheckpointError(
+                f"{folder / SPEC_FILE}: this checkpoint holds a {spec.get('class')}, a class of yours: pass "
+                "model=YourClass(...) (built as before training) to load it; adaptnet never imports code a "
+                "checkpoint names"
+            )
         with torch.random.fork_rng(devices=[]):
-            model = model_from_spec(spec)
-    except Exception as err:
-        raise CheckpointError(f"{folder / SPEC_FILE}: cannot rebuild the model: {err}") from err
+            _any_model.reshape(model, spec, str(folder / SPEC_FILE))
+    else:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = model_from_spec(spec)
+        except Exception as err:
+            raise CheckpointError(f"{folder / SPEC_FILE}: cannot rebuild the model: {err}") from err
     _load_weights(model, folder / WEIGHTS_FILE, device)
     saved = _read_state(folder / STATE_FILE, device)
     if saved["optimizer"] is not None:
