@@ -181,9 +181,10 @@ def apply_random_edit(case: Case, data: st.DataObject, optimizer: torch.optim.Op
             by = data.draw(st.integers(1, 4), label="by")
         noise = data.draw(st.sampled_from([0.0, 0.0, 0.1]), label="noise") if op == "net2net" else 0.0
         note(f"widen(layer={layer}, by={by}, init={op!r}, noise={noise}) on {widths}")
-        edit = an.widen(model, layer, by, init=op, optimizer=optimizer, batch=batch, loss_fn=case.loss_fn,
-                        noise=noise)
         exact = op != "random" and (not layernorm or (op == "net2net" and by % widths[layer] == 0))
+        # Under LayerNorm an init that cannot be exact is refused unless exact=False says so.
+        edit = an.widen(model, layer, by, init=op, optimizer=optimizer, batch=batch, loss_fn=case.loss_fn,
+                        noise=noise, exact=exact)
         return edit, exact
     if op == "deepen":
         width = data.draw(st.one_of(st.none(), st.integers(1, 6)), label="deepen width")
@@ -325,10 +326,20 @@ def test_inexact_edits_do_change_the_function() -> None:
         assert _max_abs(after, before) > 1e-4
         assert record.max_output_change == pytest.approx(_max_abs(after, before))
     layernorm = _fixed_case("mlp", "layer", torch.float64)
-    for init in ("zero", "gradmax"):  # documented: inexact under LayerNorm
+    for init in ("zero", "gradmax", "net2net"):  # documented: inexact under LayerNorm
         before = _outputs(layernorm.model, layernorm.x).eval
-        an.widen(layernorm.model, 0, 1, init=init, batch=(layernorm.x, layernorm.y), loss_fn=layernorm.loss_fn)
+        an.widen(layernorm.model, 0, 1, init=init, batch=(layernorm.x, layernorm.y), loss_fn=layernorm.loss_fn,
+                 exact=False)
         assert _max_abs(_outputs(layernorm.model, layernorm.x).eval, before) > 1e-6
+
+
+@pytest.mark.parametrize("init", ["zero", "gradmax", "net2net", "firefly"])
+def test_an_exact_init_that_layernorm_makes_inexact_is_refused(init: str) -> None:
+    case = _fixed_case("mlp", "layer", torch.float64)
+    before = _outputs(case.model, case.x).eval
+    with pytest.raises(an.EditError, match=r"combined by layer_norm.*exact=False"):
+        an.widen(case.model, 0, 1, init=init, batch=(case.x, case.y), loss_fn=case.loss_fn)
+    assert torch.equal(_outputs(case.model, case.x).eval, before)
 
 
 @pytest.mark.parametrize("init", WIDEN_INITS)

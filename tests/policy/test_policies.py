@@ -33,7 +33,7 @@ def test_grow_on_plateau_widens_the_layer_with_the_largest_gradient_score() -> N
     assert policy.decide(signals) == []
     signals = _signals(model, [1.0, 1.0])
     [request] = policy.decide(signals)
-    scores = [growth_score(model, g, 2, signals.probe, signals.loss_fn) for g in model.unit_groups()]
+    scores = [growth_score(model, g, 2, signals.probe, signals.loss_fn) for g in list(an.unit_groups(model).values())]
     assert request.op == "widen" and request.by == 2 and request.init == "gradmax"
     assert request.layer == max(range(len(scores)), key=scores.__getitem__)
 
@@ -49,7 +49,7 @@ def test_round_robin_last_and_fixed_layer() -> None:
 
 def test_budgets_cap_units_and_stop_growth() -> None:
     model = an.AdaptiveMLP(6, [4], 1)
-    group = model.unit_groups()[0]
+    group = list(an.unit_groups(model).values())[0]
     assert params_per_unit(group) == 6 + 1 + 1  # incoming weights, bias, outgoing weight
     params = sum(p.numel() for p in model.parameters())
     assert Budget(max_params=params + 8 * 3 + 5).units_allowed(model, group, 10) == 3

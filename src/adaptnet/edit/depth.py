@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from adaptnet.errors import EditError
-from adaptnet.groups import trace
+from adaptnet.groups import inputs_for, trace
 
 _DEPTH = "_adaptnet_depth"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -123,7 +123,7 @@ def _renumber(model: nn.Module, container: nn.Sequential | nn.ModuleList, old_le
 def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Module]:
     """Insert an identity copy of block ``after`` right after it; returns its name and module."""
     container, i = locate(model, after, "after")
-    inputs = trace(model).example_inputs
+    inputs = inputs_for(model)
     before = _outputs(model, inputs)
     block = copy.deepcopy(container[i])
     if init == "fresh":

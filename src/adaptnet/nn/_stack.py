@@ -2,7 +2,8 @@
 
 Both models differ only in which layers make up a block (Linear vs Conv2d, dropout vs
 pooling) and how features reach the head (as they are vs global average pooling).
-Everything structural (unit groups, spec, depth changes) lives here once.
+Everything structural (spec, depth changes, example inputs) lives here once; their unit
+groups are found by tracing, as for any model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 
 from adaptnet.errors import EditError
 from adaptnet.nn.blocks import Block, Op, ResidualBlock
-from adaptnet.nn.groups import Slice, UnitGroup, linear_like_slices, norm_slices
 
 SPEC_FORMAT = 1
 BlockSpec = Mapping[str, Any]
@@ -140,29 +140,15 @@ class StackedNet(nn.Module, metaclass=ABCMeta):
     def _residual_layers(self) -> list[int]:
         return [i for i, b in enumerate(self.blocks) if isinstance(b, ResidualBlock)]
 
-    # -- unit groups (what edits work on) --------------------------------------------------
-    def unit_groups(self) -> list[UnitGroup]:
-        """One unit group per hidden layer, in layer order."""
-        groups = []
-        blocks = self._blocks()
-        for i, block in enumerate(blocks):
-            slices: list[Slice] = []
-            if isinstance(block, ResidualBlock):
-                slices += linear_like_slices(block.op1, "out") + norm_slices(block.norm)
-                slices += linear_like_slices(block.op2, "in")
-            else:
-                slices += linear_like_slices(block.op, "out") + norm_slices(block.norm)
-                j = i + 1
-                # Residual blocks on this stream read it (op1 columns) and write back into it
-                # (op2 rows): they are coupled to the same units.
-                while j < len(blocks) and isinstance(partner := blocks[j], ResidualBlock):
-                    slices += linear_like_slices(partner.op1, "in") + linear_like_slices(partner.op2, "out")
-                    j += 1
-                after = blocks[j] if j < len(blocks) else None
-                consumer = after.op if isinstance(after, Block) else self.head
-                slices += linear_like_slices(consumer, "in")
-            groups.append(UnitGroup(f"blocks.{i}", i, tuple(slices)))
-        return groups
+    # -- unit groups: found by tracing, like any model's (adaptnet.unit_groups) -----------------
+    def _example_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample, for tracing."""
+        return (self.in_size,)
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """A batch of two zero inputs, on the model's device and dtype (what a trace needs)."""
+        ref = next(self.parameters())
+        return (torch.zeros(2, *self._example_shape(), dtype=ref.dtype, device=ref.device),)
 
     # -- depth changes (called by adaptnet.edit.deepen / remove_layer) ----------------------
     def insert_residual(self, after: int, width: int | None = None) -> ResidualBlock:

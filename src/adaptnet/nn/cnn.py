@@ -90,5 +90,8 @@ class AdaptiveCNN(StackedNet):
             return nn.AvgPool2d(2, ceil_mode=True)
         return nn.Identity()
 
+    def _example_shape(self) -> tuple[int, ...]:
+        return (self.in_size, 4, 4)  # pooling uses ceil_mode: any size traces
+
     def _readout(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)

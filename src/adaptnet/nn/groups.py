@@ -86,26 +86,6 @@ class UnitGroup:
         return [s.tensor for s in self.slices if isinstance(s.tensor, nn.Parameter)]
 
 
-def linear_like_slices(module: nn.Module, role: Role) -> list[Slice]:
-    """Slices of a Linear or Conv layer: rows (``out``) or input columns (``in``)."""
-    if role == "out":
-        slices = [Slice(module, "weight", 0, "out")]
-        if getattr(module, "bias", None) is not None:
-            slices.append(Slice(module, "bias", 0, "out"))
-        return slices
-    return [Slice(module, "weight", 1, "in")]
-
-
-def norm_slices(module: nn.Module) -> list[Slice]:
-    """Per-unit slices of a BatchNorm or LayerNorm (affine parameters and running statistics)."""
-    names = ("weight", "bias", "running_mean", "running_var")
-    return [
-        Slice(module, n, 0, "norm")
-        for n in names
-        if isinstance(getattr(module, n, None), torch.Tensor)
-    ]
-
-
 # -- layouts: where each unit's entries sit along a dimension -------------------------------------
 def _layout_size(layout: Layout, units: int) -> int:
     kind = layout[0]

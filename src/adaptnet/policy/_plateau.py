@@ -11,7 +11,7 @@ from torch import nn
 from adaptnet.edit import widen
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.nn.flops import count_macs
-from adaptnet.nn.groups import UnitGroup
+from adaptnet.nn.groups import UnitGroup, unit_positions
 
 
 class Plateau:
@@ -44,8 +44,10 @@ class Plateau:
 
 
 def params_per_unit(group: UnitGroup) -> int:
-    """Parameters one unit of ``group`` owns (its rows, columns and norm parameters)."""
-    return sum(p.numel() // p.shape[s.dim] for s in group.slices if isinstance(p := s.tensor, nn.Parameter))
+    """Parameters one unit of ``group`` owns (its rows, columns and norm parameters; a head owns
+    head_dim rows of each projection)."""
+    return sum(p.numel() // p.shape[s.dim] * unit_positions(s, group.size).shape[1]
+               for s in group.slices if isinstance(p := s.tensor, nn.Parameter))
 
 
 def macs_per_unit(model: nn.Module, group: UnitGroup, x: torch.Tensor) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from adaptnet.edit import INITS
 from adaptnet.edit._probe import backward_on
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.init import growth_score
+from adaptnet.groups import unit_groups
 from adaptnet.policy._plateau import Budget, Plateau, params_per_unit
 from adaptnet.policy.base import EditRequest, Signals
 
@@ -48,7 +49,7 @@ class _Grow:
     def _allowed(self, signals: Signals) -> dict[int, int]:
         """Units each layer may get within the budget; marks the policy exhausted when none may."""
         probe_x = signals.probe[0] if signals.probe is not None else None
-        groups = signals.model.unit_groups()  # type: ignore[operator]
+        groups = unit_groups(signals.model).values()
         allowed = {g.layer: self.budget.units_allowed(signals.model, g, self.by, probe_x) for g in groups}
         if not any(allowed.values()):
             logger.info("%s: growth budget reached; no more growth", self.name)
@@ -60,7 +61,7 @@ class _Grow:
         if signals.probe is None or signals.loss_fn is None:
             raise ValueError("gradient-based growth needs a probe batch and a loss function")
         return {g.layer: growth_score(signals.model, g, allowed[g.layer], signals.probe, signals.loss_fn)
-                for g in signals.model.unit_groups() if allowed[g.layer] > 0}  # type: ignore[operator]
+                for g in unit_groups(signals.model).values() if allowed[g.layer] > 0}
 
     def _grow(self, signals: Signals, reason: str, allowed: dict[int, int] | None = None,
               scores: dict[int, float] | None = None) -> list[EditRequest]:
@@ -219,7 +220,7 @@ class GrowOnSignal(_Grow):
             return []
         scores = self._scores(signals, allowed)
         per_param = _existing_grad_per_param(signals) if measure else 0.0
-        groups = {g.layer: g for g in signals.model.unit_groups()}  # type: ignore[operator]
+        groups = {g.layer: g for g in unit_groups(signals.model).values()}
         ratios = {layer: score**2 / (allowed[layer] * params_per_unit(groups[layer])) / per_param
                   for layer, score in scores.items()} if per_param > 0 else {}
         best = max(ratios, key=lambda k: ratios[k]) if ratios else None

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from adaptnet.edit import IMPORTANCES
+from adaptnet.groups import unit_groups
 from adaptnet.policy._plateau import params_per_unit
 from adaptnet.policy.base import EditRequest, Signals
 
@@ -47,7 +48,7 @@ class PruneToBudget:
     def decide(self, signals: Signals) -> list[EditRequest]:
         if self.done or signals.epoch < self.start or (signals.epoch - self.start) % self.every:
             return []
-        groups = signals.model.unit_groups()  # type: ignore[operator]
+        groups = list(unit_groups(signals.model).values())
         if self.target is None:
             self.done = True
             return [self._request(g.layer, g.size - max(1, round(g.size * self.amount)), "prune each layer once")
