@@ -69,7 +69,7 @@ DEFAULT_OUT = RESULTS / "optimizer_carry.json"
 
 def fill_second_moment_with_mean(model: torch.nn.Module, opt: torch.optim.Optimizer, edit: an.Edit) -> None:
     """Set the new units' ``exp_avg_sq`` to the mean of the existing elements of the same tensor."""
-    group = model.unit_groups()[edit.layer]
+    group = list(an.unit_groups(model).values())[edit.layer]
     new = torch.tensor(edit.units_added)
     for sl in group.slices:
         state = opt.state.get(sl.tensor, {})
