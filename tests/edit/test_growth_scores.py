@@ -71,7 +71,7 @@ def test_gradmax_is_exact_and_new_units_learn() -> None:
 
 def test_growth_score_is_the_gradient_norm_gradmax_units_receive() -> None:
     model, batch = _setup()
-    group = list(an.unit_groups(model).values())[0]
+    group = next(iter(an.unit_groups(model).values()))
     score = growth_score(model, group, 1, batch, nn.functional.mse_loss)
     an.widen(model, 0, 1, init="gradmax", batch=batch, loss_fn=nn.functional.mse_loss)
     nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
@@ -83,7 +83,7 @@ def test_growth_score_is_the_gradient_norm_gradmax_units_receive() -> None:
 def test_splitting_score_is_the_variance_of_per_sample_gradients() -> None:
     model, (x, y) = _setup()
     model.eval()
-    scores = splitting_scores(model, list(an.unit_groups(model).values())[0], (x, y), nn.functional.mse_loss)
+    scores = splitting_scores(model, next(iter(an.unit_groups(model).values())), (x, y), nn.functional.mse_loss)
     per_sample = []
     for i in range(x.shape[0]):
         pre = model.blocks[0].op(x[i : i + 1])  # (1, 3) pre-activations
@@ -98,7 +98,7 @@ def test_splitting_score_is_the_variance_of_per_sample_gradients() -> None:
 def test_firefly_splits_the_highest_scoring_units_exactly() -> None:
     model, batch = _setup()
     model.eval()
-    scores = splitting_scores(model, list(an.unit_groups(model).values())[0], batch, nn.functional.mse_loss)
+    scores = splitting_scores(model, next(iter(an.unit_groups(model).values())), batch, nn.functional.mse_loss)
     with torch.no_grad():
         before = model(batch[0])
     top = int(scores.argmax())

@@ -49,7 +49,7 @@ def test_round_robin_last_and_fixed_layer() -> None:
 
 def test_budgets_cap_units_and_stop_growth() -> None:
     model = an.AdaptiveMLP(6, [4], 1)
-    group = list(an.unit_groups(model).values())[0]
+    group = next(iter(an.unit_groups(model).values()))
     assert params_per_unit(group) == 6 + 1 + 1  # incoming weights, bias, outgoing weight
     params = sum(p.numel() for p in model.parameters())
     assert Budget(max_params=params + 8 * 3 + 5).units_allowed(model, group, 10) == 3

@@ -154,13 +154,20 @@ def apply_index_map(
     """
     touched = []
     units = group.size
+    # A tensor with two slices in the group (a square layer inside a residual stream) changes along
+    # its first slice's dim before the second: fresh values made for the old shape follow it.
+    done: dict[int, list[tuple[int, IndexMap]]] = {}
     for k, sl in enumerate(group.slices):
         tensor = sl.tensor
         flat, positions = _flat(sl, imap, units)
         default = sl.fill if sl.fill is not None else _NORM_FRESH.get(sl.name, 0.0) if sl.role == "norm" else 0.0
         new = remap(tensor.detach(), sl.dim, flat, default)
         if k in fresh:
-            new.index_copy_(sl.dim, positions.to(new.device), fresh[k].to(device=new.device, dtype=new.dtype))
+            values = fresh[k]
+            for dim, earlier in done.get(id(tensor), []):
+                values = remap(values, dim, earlier, 0.0)
+            new.index_copy_(sl.dim, positions.to(new.device), values.to(device=new.device, dtype=new.dtype))
+        done.setdefault(id(tensor), []).append((sl.dim, flat))
         if sl.role == "in" and flat.scale is not None:
             new = scale_along(new, sl.dim, flat.scale)
         if isinstance(tensor, nn.Parameter):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from adaptnet.errors import EditError
-from adaptnet.groups import inputs_for, trace
+from adaptnet.groups import inputs_for, output_tensors, trace
 
 _DEPTH = "_adaptnet_depth"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -60,13 +60,11 @@ def locate(model: nn.Module, name: Any, what: str) -> tuple[nn.Sequential | nn.M
 
 
 def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    from adaptnet.groups.trace import _tensors  # the same view of outputs as the trace
-
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            return _tensors(model(*inputs))
+            return output_tensors(model(*inputs))
     finally:
         for m, mode in modes:
             m.training = mode

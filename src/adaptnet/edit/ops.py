@@ -20,14 +20,14 @@ from adaptnet.edit import depth as _depth
 from adaptnet.edit import importance as _importance
 from adaptnet.edit import init as _init
 from adaptnet.edit._apply import apply_index_map
-from adaptnet.edit._probe import LossFn, outputs_on, split_batch
+from adaptnet.edit._probe import LossFn, eval_mode, outputs_on, split_batch
 from adaptnet.edit._transaction import transaction
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, unit_groups
+from adaptnet.groups import find_group, inputs_for, output_tensors, trace, unit_groups
 from adaptnet.nn.groups import UnitGroup
 
 Optimizer = torch.optim.Optimizer
@@ -76,6 +76,34 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _still_runs(model: nn.Module, batch: Any) -> torch.Tensor | None:
+    """The outputs on ``batch`` (or, for a traced model, on its example inputs) after an edit.
+
+    A model whose code writes a size down (``view(b, 4, ...)``, ``split(7)``) fails here rather
+    than at the next training step; the edit is then undone.
+    """
+    try:
+        if batch is not None:
+            return outputs_on(model, batch)
+        inputs = inputs_for(model)
+    except EditError:
+        return None  # never traced: nothing to run it on
+    try:
+        with torch.no_grad(), eval_mode(model):
+            shapes = [tuple(t.shape) for t in output_tensors(model(*inputs))]
+        expected = trace(model).output_shapes
+        failure = None if shapes == expected else f"its outputs are {shapes}, not {expected}"
+    except Exception as err:
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if failure is not None:
+        raise EditError(
+            f"after the edit, {type(model).__name__}'s forward fails ({failure}); the edit is undone. Does "
+            "its code write a size down (view(b, 4, ...), split(7))? Compute sizes from the tensors instead "
+            "(view(b, -1, ...), chunk(2))"
+        )
+    return None
+
+
 def _run(
     model: nn.Module,
     optimizer: Optimizer | None,
@@ -90,7 +118,7 @@ def _run(
     before = outputs_on(model, batch) if batch is not None else None
     with transaction(model, optimizer):
         added, removed = body()
-        after = outputs_on(model, batch) if before is not None else None
+        after = _still_runs(model, batch)
     change = None
     if before is not None and after is not None and before.shape == after.shape:
         change = float((after.to(torch.float64) - before.to(torch.float64)).abs().max())

@@ -67,6 +67,8 @@ class Trace:
     # block's writers into the residual stream from these, even where the stream is fixed.
     variables: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
     roles: dict[tuple[str, int], str] = field(default_factory=dict)
+    # The shapes of the outputs on the example inputs: no edit may change them.
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def structure_key(model: nn.Module) -> tuple[Any, ...]:
@@ -75,14 +77,14 @@ def structure_key(model: nn.Module) -> tuple[Any, ...]:
         name for name, _ in model.named_parameters()) + tuple(name for name, _ in model.named_buffers())
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def output_tensors(value: Any) -> list[torch.Tensor]:
     """Every tensor in a model's output (tuples, dicts, HF ModelOutput); other objects (caches) skipped."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in output_tensors(v)]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in output_tensors(v)]
     return []
 
 
@@ -106,7 +108,7 @@ def _export(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph
             tensors.append(t.detach())
 
     def function(state: tuple[torch.Tensor, ...], args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(_tensors(torch.func.functional_call(model, dict(zip(names, state, strict=True)), args)))
+        return tuple(output_tensors(torch.func.functional_call(model, dict(zip(names, state, strict=True)), args)))
 
     model.eval()
     try:
@@ -218,7 +220,7 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
             variables[(name, d)] = tuple(dims.find(v) for v in leaves)
             roles[(name, d)] = role
             free = [v for v in dict.fromkeys(leaves) if v not in dims.fixed and dims.size(v) > 0]
-            if not free and dims.size(tree) > 1:
+            if not free:
                 fixed[f"{name}[{d}]"] = dims.fixed.get(leaves[0], "fixed") if leaves else "empty"
             for v in free:
                 if leaves.count(v) > 1 and not isinstance(tree, Cat):
@@ -245,7 +247,9 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
         tied_names = tuple(p.param for p in group_parts
                            if {r for r, _ in walk.uses.get((p.param, p.dim), [])} >= {"out", "in"})
         groups.append(_Group(name, v, group_parts, frozenset(dims.mixed.get(v, ())), tied_names))
-    return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles)
+    output = next(n for n in graph.nodes if n.op == "output")
+    shapes = [tuple(shape_of(a) or ()) for a in output.args[0] if isinstance(a, fx.Node)]
+    return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes)
 
 
 def _fix_module_constraints(model: nn.Module, walk: Walk, placeholders: dict[str, fx.Node]) -> None:

@@ -1,0 +1,285 @@
+"""Unit groups found by tracing: one small model per pattern, exact edits on each, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import group_models as gm
+import pytest
+import torch
+from torch import nn
+
+import adaptnet as an
+from adaptnet.groups import tracing
+
+F64 = torch.float64
+# model factory, example input, {group name: how many slices it must have at least}
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
+    "seed": (gm.Seed, lambda: torch.randn(6, 10)),
+    "convs": (gm.Convs, lambda: torch.randn(6, 3, 16)),
+    "grouped": (gm.Grouped, lambda: torch.randn(6, 3, 5, 5)),
+    "decoder": (gm.Decoder, lambda: torch.randn(6, 4, 3, 3)),
+    "branches": (gm.Branches, lambda: torch.randn(6, 5)),
+    "attention": (lambda: gm.Attention(fused=False), lambda: torch.randint(0, 11, (3, 5))),
+    "fused-qkv": (lambda: gm.Attention(fused=True), lambda: torch.randint(0, 11, (3, 5))),
+    "squeeze-excite": (gm.SqueezeExcite, lambda: torch.randn(6, 3, 6, 6)),
+    "tokens": (gm.TokensAndPositions, lambda: torch.randn(6, 1, 8, 8)),
+    "resnet": (gm.ResNet, lambda: torch.randn(6, 3, 6, 6)),
+}
+EXPECTED_GROUPS = {
+    "seed": ["fc1"],
+    "convs": ["c1", "c2"],
+    "grouped": ["a"],
+    "decoder": ["up1"],
+    "branches": ["left", "right", "fused"],
+    "attention": ["embed", "q"],
+    "fused-qkv": ["embed", "qkv"],
+    "squeeze-excite": ["conv", "squeeze"],
+    "tokens": ["patch", "mlp1"],
+    "resnet": ["stem", "layers.0.conv1", "layers.1.conv1"],
+}
+
+
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    factory, make_x = CASES[name]
+    torch.manual_seed(0)
+    model = factory().to(F64)
+    x = make_x()
+    x = x.to(F64) if x.is_floating_point() else x
+    an.unit_groups(model, (x,))
+    return model, x
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    model.train()
+    opt.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _in_sync(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert value.shape == p.shape, key
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_groups_found_by_tracing(name: str) -> None:
+    model, _ = _build(name)
+    assert list(an.unit_groups(model)) == EXPECTED_GROUPS[name]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_group_widens_exactly_prunes_and_trains(name: str) -> None:
+    model, x = _build(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)  # optimizer state exists before the edits
+    for group in list(an.unit_groups(model)):
+        for init in ("net2net", "zero"):
+            before = _out(model, x)
+            an.widen(model, group, 2, init=init, optimizer=opt, generator=torch.Generator().manual_seed(1))
+            assert _relative(_out(model, x), before) <= 1e-8, (group, init)
+            _in_sync(model, opt)
+        size = an.unit_groups(model)[group].size
+        an.prune(model, group, amount=0.25, optimizer=opt)
+        assert an.unit_groups(model)[group].size == size - round(0.25 * size)
+        _in_sync(model, opt)
+        assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+        _in_sync(model, opt)
+
+
+def test_gradmax_on_traced_groups_is_exact() -> None:
+    model, x = _build("fused-qkv")
+    y = torch.randint(0, 11, (3, 5))
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.flatten(0, 1), target.flatten())
+
+    for group in ("embed", "qkv"):
+        before = _out(model, x)
+        an.widen(model, group, 2, init="gradmax", batch=(x, y), loss_fn=loss_fn)
+        assert _relative(_out(model, x), before) <= 1e-8
+
+
+def test_a_head_is_one_unit_in_q_k_v_and_the_output_projection() -> None:
+    for fused in (False, True):
+        model, _ = _build("fused-qkv" if fused else "attention")
+        heads = an.unit_groups(model)["qkv" if fused else "q"]
+        assert heads.size == 4
+        an.widen(model, heads.name, 1, init="zero")
+        projection = model.qkv.weight.shape[0] if fused else model.q.weight.shape[0]
+        assert projection == (3 if fused else 1) * 5 * 4  # 5 heads of head_dim 4
+        assert model.o.in_features == 20
+
+
+def test_channels_of_grouped_convs_are_tied_across_groups() -> None:
+    model, _ = _build("convs")
+    an.widen(model, "c2", 2, init="net2net")  # a depthwise conv: its channels are the groups
+    assert (model.dw.groups, model.dw.in_channels, model.dw.out_channels) == (10, 10, 10)
+    assert model.bn.num_features == 10 and model.c2.out_channels == 10
+    assert model.fc.in_features == 10 * 16  # flatten: a channel owns H * W columns
+    grouped, _ = _build("grouped")
+    assert an.unit_groups(grouped)["a"].size == 2  # 2 groups of 4 input channels each
+    an.widen(grouped, "a", 1, init="zero")
+    assert (grouped.a.out_channels, grouped.grouped.groups, grouped.grouped.in_channels) == (12, 3, 12)
+    assert grouped.grouped.out_channels == 9 and grouped.head.in_features == 9
+
+
+def test_parameters_used_directly_and_gates_are_slices() -> None:
+    model, _ = _build("tokens")
+    stream = an.unit_groups(model)["patch"]
+    names = {(type(s.module).__name__, s.name, s.role) for s in stream.slices}
+    assert ("TokensAndPositions", "cls", "norm") in names and ("TokensAndPositions", "pos", "norm") in names
+    se, _ = _build("squeeze-excite")
+    channel = an.unit_groups(se)["conv"]
+    assert {(s.module, s.role) for s in channel.slices} >= {(se.excite, "out"), (se.squeeze, "in")}
+
+
+def test_input_and_output_dimensions_are_never_groups() -> None:
+    model, _ = _build("seed")
+    found = tracing.trace(model)
+    assert found.fixed["fc1.weight[1]"] == "a model input"
+    assert found.fixed["fc2.weight[0]"] == "a model output"
+
+
+def test_norms_mix_their_units_and_refuse_inexact_inits() -> None:
+    torch.manual_seed(0)
+    model = gm.Norms().to(F64)
+    x = torch.randn(4, 6, dtype=F64)
+    groups = an.unit_groups(model, (x,))
+    assert (groups["a"].mixed == {"layer_norm"} and "rms_norm" in groups["b"].mixed) or "mean" in groups["b"].mixed
+    assert groups["c"].mixed == {"group_norm"}
+    for name in ("a", "b", "c"):
+        with pytest.raises(an.EditError, match="exact=False"):
+            an.widen(model, name, 1, init="zero")
+    before = _out(model, x)
+    an.widen(model, "a", groups["a"].size, init="net2net")  # every unit copied once: LayerNorm stays exact
+    assert _relative(_out(model, x), before) <= 1e-8
+    an.widen(model, "c", 1, init="zero", exact=False)  # one unit per GroupNorm group
+    assert model.gn.num_channels == 6 and model.c.out_channels == 6
+
+
+def test_tied_weights_are_one_slice_and_refuse_exact_inits() -> None:
+    torch.manual_seed(0)
+    model = gm.Tied()
+    groups = an.unit_groups(model, (torch.randint(0, 12, (2, 3)),))
+    assert groups["embed"].tied == ("embed.weight",)
+    with pytest.raises(an.EditError, match="tied weights"):
+        an.widen(model, "embed", 2, init="zero")
+    an.widen(model, "embed", 2, init="random")
+    assert model.out.weight is model.embed.weight and model.embed.weight.shape == (12, 10)
+
+
+@pytest.mark.parametrize(("name", "after"), [("resnet", "layers.0"), ("stack", "blocks.1")])
+def test_deepen_inserts_an_exact_copy_of_a_residual_block(name: str, after: str) -> None:
+    if name == "stack":
+        torch.manual_seed(0)
+        model, x = gm.ResidualStack().to(F64), torch.randn(4, 5, dtype=F64)
+        an.unit_groups(model, (x,))
+    else:
+        model, x = _build(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)
+    before = _out(model, x)
+    edit = an.deepen(model, after, optimizer=opt)
+    assert torch.equal(_out(model, x), before)
+    _in_sync(model, opt)
+    container = model.get_submodule(after.rpartition(".")[0])
+    assert len(container) == 3 and edit.group == f"{after.rpartition('.')[0]}.{int(after[-1]) + 1}"
+    _step(model, opt, x)
+    _in_sync(model, opt)
+
+
+def test_deepen_refuses_a_block_that_is_not_residual() -> None:
+    model, x = gm.PostNorm(), torch.randn(3, 8)
+    an.unit_groups(model, (x,))
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(an.EditError, match=r"not residual.*post-norm"):
+        an.deepen(model, "blocks.0")
+    assert len(model.blocks) == 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_trace_once_per_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = [0]
+    real = tracing._export
+
+    def counting(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(tracing, "_export", counting)
+    model, x = gm.ResidualStack(), torch.randn(4, 5)
+    an.unit_groups(model, (x,))
+    an.widen(model, "stem", 8)  # a multiple of the units: exact under the blocks' LayerNorm
+    an.prune(model, "blocks.0.up", keep=5)
+    an.widen(model, "blocks.1.up", 2, init="zero")
+    assert calls[0] == 1  # width edits change sizes, read back from the tensors
+    an.deepen(model, "blocks.1")
+    an.unit_groups(model)
+    assert calls[0] == 2  # new modules: traced again, with the example inputs kept
+
+
+def test_save_and_load_into_a_fresh_instance(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = gm.ResidualStack(), torch.randn(4, 5)
+    an.unit_groups(model, (x,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, opt, x)
+    an.widen(model, "stem", 3, optimizer=opt, exact=False)
+    an.deepen(model, "blocks.0", optimizer=opt)
+    an.prune(model, "blocks.2.up", keep=7, optimizer=opt)
+    _step(model, opt, x)
+    an.save(tmp_path / "ck", model, optimizer=opt)
+    loaded, state = an.load(tmp_path / "ck", model=gm.ResidualStack())
+    assert torch.equal(_out(loaded, x), _out(model, x))
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    an.restore_optimizer(opt2, loaded, state["optimizer"])
+    _step(model, opt, x)
+    _step(loaded, opt2, x)
+    assert torch.equal(_out(loaded, x), _out(model, x))  # the optimizer state came back too
+
+
+def test_loading_into_a_different_model_names_the_first_differing_group(tmp_path: Path) -> None:
+    model, x = gm.Seed(), torch.randn(2, 10)
+    an.unit_groups(model, (x,))
+    an.widen(model, "fc1", 2)
+    an.save(tmp_path / "ck", model)
+    other = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 1))
+    with pytest.raises(an.CheckpointError, match="has no unit group 'fc1'"):
+        an.load(tmp_path / "ck", model=other)
+    with pytest.raises(an.CheckpointError, match="pass model="):
+        an.load(tmp_path / "ck")
+
+
+def test_bad_input_gets_one_clear_error() -> None:
+    model = gm.DataDependent()
+    with pytest.raises(an.EditError, match=r"could not trace DataDependent.*control flow"):
+        an.unit_groups(model, (torch.randn(2, 4),))
+    seed, _ = _build("seed")
+    with pytest.raises(an.EditError, match=r"'fc2' is not a unit group of Seed; nearest: fc1"):
+        an.widen(seed, "fc2", 1)
+    with pytest.raises(an.EditError, match="needs example inputs"):
+        an.widen(gm.Seed(), "fc1", 1)
+    hard = gm.HardCoded()
+    an.unit_groups(hard, (torch.randn(2, 4),))
+    with pytest.raises(an.EditError, match=r"forward fails .*the edit is undone.*write a size down"):
+        an.widen(hard, "fc1", 1, exact=False)
+    assert hard.fc1.out_features == 6
