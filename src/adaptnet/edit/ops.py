@@ -27,7 +27,7 @@ from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, inputs_for, output_tensors, trace, unit_groups
+from adaptnet.groups import find_group, inputs_for, output_tensors, trace, widths
 from adaptnet.nn.groups import UnitGroup
 
 Optimizer = torch.optim.Optimizer
@@ -63,13 +63,7 @@ def _positive(value: Any, name: str) -> int:
 
 
 def _widths(model: nn.Module) -> tuple[int, ...]:
-    widths = getattr(model, "widths", None)
-    if widths is not None:
-        return tuple(widths)
-    try:
-        return tuple(g.size for g in unit_groups(model).values())
-    except EditError:  # never traced (an edit of a part of it, such as grow_experts on an MoE)
-        return ()
+    return tuple(widths(model))
 
 
 def _count(model: nn.Module) -> int:

@@ -380,6 +380,26 @@ def unit_groups(model: nn.Module, example_inputs: Sequence[Any] | None = None) -
     return _build(model, trace(model, example_inputs))
 
 
+def widths(model: nn.Module) -> list[int]:
+    """The sizes of the model's unit groups, in order: ``model.widths`` where the model has it,
+    else the traced groups' sizes ([] for a model never traced)."""
+    own = getattr(model, "widths", None)
+    if own is not None:
+        return list(own)
+    if callable(getattr(model, "unit_groups", None)) or _CACHE in model.__dict__:
+        return [g.size for g in unit_groups(model).values()]
+    return []
+
+
+def ensure_traced(model: nn.Module, inputs: Any) -> None:
+    """Trace ``model`` on ``inputs`` (one batch's inputs) unless it can already be traced or
+    declares its groups: what the Trainer does with a user's model before its policies decide."""
+    if callable(getattr(model, "unit_groups", None)) or callable(getattr(model, "example_inputs", None)):
+        return
+    if _CACHE not in model.__dict__:
+        trace(model, inputs if isinstance(inputs, tuple) else (inputs,))
+
+
 def find_group(model: nn.Module, layer: Any, what: str) -> UnitGroup:
     """The group ``layer`` names (a group name, or an index into the groups' order)."""
     groups = unit_groups(model)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adaptnet.edit import Edit
+from adaptnet.groups import ensure_traced, widths
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.policy import EditRequest, Policy
 from adaptnet.train import _edits, _rng
@@ -52,7 +53,8 @@ class Trainer:
     """Train ``model`` with ``optimizer``, letting ``policies`` grow and prune it.
 
     Args:
-        model: any ``nn.Module``; policies need an adaptive one (``unit_groups()``).
+        model: any ``nn.Module``; for policies, it is traced on the probe batch's inputs to find its
+            unit groups (``adaptnet.unit_groups``), unless it was traced before.
         optimizer: built on ``model.parameters()``; edits carry its state.
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar.
         policies: decide edits at the end of each epoch (see ``adaptnet.policy``).
@@ -139,6 +141,7 @@ class Trainer:
         self._snapshot: dict[str, Any] = {}  # what a rollback restores (the epoch's start, or a later edit)
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None  # the fixed probe batch of ``fit``
         self._forward: Callable[..., torch.Tensor] = self.model
+        self._wrapped = False  # whether ``_forward`` is current (dropped while policies decide and edit)
         self._wrap()
 
     # -- public ------------------------------------------------------------------------------
@@ -163,9 +166,13 @@ class Trainer:
         """
         if resume:
             self.resume()
+        if not self._wrapped:  # an earlier fit raised while its policies had the model unwrapped
+            self._wrap()
         train_loader = self._loader(train, shuffle=True)
         val_loader = self._loader(val, shuffle=False) if val is not None else None
         probe = self.probe = self._probe(val_loader or train_loader)
+        if self.policies:  # a user's model: its unit groups come from a trace on real inputs
+            ensure_traced(self.model, probe[0])
         self._stop = False
         with stop_on_signals(handle_signals, self.request_stop):
             for cb in self.callbacks:
@@ -331,7 +338,7 @@ class Trainer:
         if val is not None:
             row.update(self._validate(val))
         row["params"] = sum(p.numel() for p in self.model.parameters())
-        row["widths"] = list(getattr(self.model, "widths", []))
+        row["widths"] = widths(self.model)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         for key, value in row.items():
             if key not in ("epoch", "step", "widths"):
@@ -375,15 +382,18 @@ class Trainer:
         return _edits.apply_policy_request(self, request, probe, gen)
 
     def _unwrap(self) -> None:
-        """Drop the wrappers before an edit: a DDP wrapper holds references to the parameters, and
-        an edit swaps their contents in place (``torch.utils.swap_tensors`` refuses shared ones)."""
+        """Drop the wrappers before an edit (and before the policies decide, which may probe with
+        edits): a DDP wrapper holds references to the parameters, and an edit swaps their contents
+        in place (``torch.utils.swap_tensors`` refuses shared ones)."""
         self._forward = self.model  # the DDP reducer and its hooks go with the wrapper (no cycles)
+        self._wrapped = False
 
     def _wrap(self) -> None:
         """(Re-)create what wraps the model: DDP (its hooks cover only the parameters that exist when
         it is built), then one compile per architecture."""
         module = self.dist.wrap(self.model, self.device) if self.dist is not None else self.model
         self._forward = torch.compile(module) if self.compile else module
+        self._wrapped = True
 
     # -- non-finite losses ---------------------------------------------------------------------
     def _epoch_snapshot(self, rng: dict[str, Any] | None) -> dict[str, Any]:

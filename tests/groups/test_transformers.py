@@ -1,0 +1,127 @@
+"""Hugging Face transformers built from small configs (no download): groups, exact edits, depth, save/load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import adaptnet as an
+
+transformers = pytest.importorskip("transformers")  # the [hf] extra, installed by `make test`
+transformers.logging.set_verbosity_error()
+F64 = torch.float64
+VOCAB = 40
+
+
+def gpt2() -> nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0))
+
+
+def llama() -> nn.Module:  # grouped-query attention: 4 query heads share 2 key/value heads
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def bert() -> nn.Module:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=16, num_labels=3))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], str, str, str | None]] = {
+    # factory, a heads group, an MLP group, a block to deepen after (None: post-norm)
+    "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "transformer.h.0"),
+    "llama": (llama, "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.1"),
+    "bert": (bert, "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.intermediate.dense", None),
+}
+
+
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MODELS[name][0]().to(F64)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    an.unit_groups(model, (ids,))
+    return model, ids
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_heads_and_mlp_widen_exactly_with_adamw_carried(name: str) -> None:
+    model, ids = _build(name)
+    _, heads, mlp, _ = MODELS[name]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _logits(model, ids)
+    model.train()
+    model(ids).logits.pow(2).mean().backward()
+    opt.step()
+    for group, by in ((heads, 1), (mlp, 5)):
+        for init in ("zero", "net2net"):
+            before = _logits(model, ids)
+            an.widen(model, group, by, init=init, optimizer=opt)
+            assert _relative(_logits(model, ids), before) <= 1e-8, (group, init)
+    for p in model.parameters():
+        for value in opt.state[p].values():
+            assert not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape == p.shape
+    an.prune(model, heads, keep=2, optimizer=opt)
+    model.train()
+    loss = model(ids).logits.pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_a_new_key_value_head_brings_its_query_heads() -> None:
+    model, ids = _build("llama")
+    attn = model.model.layers[0].self_attn
+    assert an.unit_groups(model)["model.layers.0.self_attn.q_proj"].size == 2  # key/value heads
+    an.widen(model, "model.layers.0.self_attn.q_proj", 1, init="zero")
+    assert attn.k_proj.out_features == 3 * 4 and attn.q_proj.out_features == 6 * 4 and attn.o_proj.in_features == 24
+
+
+def test_the_residual_stream_is_one_group_mixed_by_its_norms() -> None:
+    model, _ = _build("gpt2")
+    stream = an.unit_groups(model)["transformer.wte"]
+    assert stream.mixed == {"layer_norm"} and stream.tied == ("transformer.wte.weight",)
+    with pytest.raises(an.EditError, match="tied weights"):
+        an.widen(model, "transformer.wte", 4, init="zero")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_deepen_is_exact_for_pre_norm_blocks_and_refused_for_post_norm(name: str) -> None:
+    model, ids = _build(name)
+    after = MODELS[name][3]
+    if after is None:
+        with pytest.raises(an.EditError, match="post-norm"):
+            an.deepen(model, "bert.encoder.layer.0")
+        assert len(model.bert.encoder.layer) == 2
+        return
+    before = _logits(model, ids)
+    an.deepen(model, after)
+    assert torch.equal(_logits(model, ids), before)
+    assert model.config.num_hidden_layers == 3
+
+
+def test_save_and_load_a_grown_hf_model_into_a_fresh_instance(tmp_path: Path) -> None:
+    model, ids = _build("llama")
+    an.widen(model, "model.layers.0.self_attn.q_proj", 1, init="zero")
+    an.widen(model, "model.layers.1.mlp.gate_proj", 3, init="net2net")
+    an.deepen(model, "model.layers.0")
+    an.save(tmp_path / "ck", model)
+    fresh = llama().to(F64)
+    loaded, _ = an.load(tmp_path / "ck", model=fresh)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
