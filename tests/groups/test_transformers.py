@@ -86,7 +86,7 @@ def test_heads_and_mlp_widen_exactly_with_adamw_carried(name: str) -> None:
 
 
 def test_a_new_key_value_head_brings_its_query_heads() -> None:
-    model, ids = _build("llama")
+    model, _ = _build("llama")
     attn = model.model.layers[0].self_attn
     assert an.unit_groups(model)["model.layers.0.self_attn.q_proj"].size == 2  # key/value heads
     an.widen(model, "model.layers.0.self_attn.q_proj", 1, init="zero")
