@@ -6,7 +6,7 @@ updated), and any ``.grad`` they produce is discarded by the caller's snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from adaptnet.errors import EditError
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from adaptnet.nn.losses import LossFn
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
 from adaptnet.groups import find_group, inputs_for, output_tensors, trace, widths
 from adaptnet.nn.groups import UnitGroup
+from adaptnet.nn.protocols import InsertsBlocks
 
 Optimizer = torch.optim.Optimizer
 Layer = int | str
@@ -253,9 +254,9 @@ def prune(
     return _run(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
 
 
-def _own_index(model: nn.Module, value: Any, name: str) -> int:
+def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, int]:
     """Depth edits by index: adaptnet's own models, which insert their own residual blocks."""
-    if not callable(getattr(model, "insert_residual", None)) or not callable(getattr(model, "remove_block", None)):
+    if not isinstance(model, InsertsBlocks):
         raise EditError(
             f"{name} must name a block inside an nn.Sequential or nn.ModuleList of residual blocks of "
             f"{type(model).__name__} (such as 'blocks.3'); got {value!r}"
@@ -267,7 +268,7 @@ def _own_index(model: nn.Module, value: Any, name: str) -> int:
             f"widths {list(widths)}); got {value!r}"
             if widths else f"{name}={value!r}: the model has no hidden layer"
         )
-    return value
+    return model, value
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -315,7 +316,7 @@ def deepen(
 
         record = _run(model, optimizer, batch, insert, op="deepen", layer=-1, group=after, init=init)
         return replace(record, group=inserted[0])
-    index = _own_index(model, after, "after")
+    own, index = _own_index(model, after, "after")
     if init != "identity":
         raise EditError(f"deepen of adaptnet's own models supports init='identity' only; got {init!r}")
     if width is not None:
@@ -324,11 +325,11 @@ def deepen(
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
         before = list(model.parameters())
-        block = model.insert_residual(index, width)  # type: ignore[operator]
+        block = own.insert_residual(index, width)
         names.append(_name_of(model, block))
         if optimizer is not None:
             sync_parameters(optimizer, model, before)
-        return tuple(range(int(block.width))), ()
+        return tuple(range(_widths(model)[index + 1])), ()
 
     record = _run(model, optimizer, batch, body, op="deepen", layer=index + 1, group="", init=init)
     return replace(record, group=names[0])
@@ -360,14 +361,14 @@ def remove_layer(
             return (), ()
 
         return _run(model, optimizer, batch, drop, op="remove_layer", layer=-1, group=layer, init=None)
-    index = _own_index(model, layer, "layer")
+    own, index = _own_index(model, layer, "layer")
     width = _widths(model)[index]
     blocks = getattr(model, "blocks", None)
     name = _name_of(model, blocks[index]) if isinstance(blocks, nn.ModuleList) else str(index)
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
         before = list(model.parameters())
-        model.remove_block(index)  # type: ignore[operator]
+        own.remove_block(index)
         if optimizer is not None:
             sync_parameters(optimizer, model, before)
         return (), tuple(range(width))

@@ -27,6 +27,7 @@ from adaptnet.groups._rules import rule_for
 from adaptnet.groups._walk import Walk, shape_of
 from adaptnet.nn.groups import Layout as SliceLayout
 from adaptnet.nn.groups import Slice, UnitGroup
+from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs
 
 logger = logging.getLogger(__name__)
 
@@ -346,8 +347,8 @@ def trace(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Trac
 def inputs_for(model: nn.Module) -> tuple[Any, ...]:
     """Inputs to run ``model`` on: its own ``example_inputs()``, or those it was traced with, on
     its current device and (floating) dtype."""
-    if callable(own := getattr(model, "example_inputs", None)):
-        return tuple(own())
+    if isinstance(model, HasExampleInputs):
+        return tuple(model.example_inputs())
     cached: Trace | None = model.__dict__.get(_CACHE)
     if cached is None:
         raise EditError(
@@ -374,9 +375,8 @@ def unit_groups(model: nn.Module, example_inputs: Sequence[Any] | None = None) -
         An ordered mapping from group name (the module that first computes the units) to
         ``UnitGroup``.
     """
-    declared = getattr(model, "unit_groups", None)
-    if callable(declared):
-        return {g.name: g for g in declared()}
+    if isinstance(model, DeclaresGroups):
+        return {g.name: g for g in model.unit_groups()}
     return _build(model, trace(model, example_inputs))
 
 
@@ -386,7 +386,7 @@ def widths(model: nn.Module) -> list[int]:
     own = getattr(model, "widths", None)
     if own is not None:
         return list(own)
-    if callable(getattr(model, "unit_groups", None)) or _CACHE in model.__dict__:
+    if isinstance(model, DeclaresGroups) or _CACHE in model.__dict__:
         return [g.size for g in unit_groups(model).values()]
     return []
 
@@ -394,7 +394,7 @@ def widths(model: nn.Module) -> list[int]:
 def ensure_traced(model: nn.Module, inputs: Any) -> None:
     """Trace ``model`` on ``inputs`` (one batch's inputs) unless it can already be traced or
     declares its groups: what the Trainer does with a user's model before its policies decide."""
-    if callable(getattr(model, "unit_groups", None)) or callable(getattr(model, "example_inputs", None)):
+    if isinstance(model, (DeclaresGroups, HasExampleInputs)):
         return
     if _CACHE not in model.__dict__:
         trace(model, inputs if isinstance(inputs, tuple) else (inputs,))

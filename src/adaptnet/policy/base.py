@@ -9,7 +9,7 @@ all-reduced, the parameter count, a probe batch, and a generator seeded from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from adaptnet.edit import Edit, deepen, prune, remove_layer, widen
+from adaptnet.nn.losses import LossFn
 
 Op = Literal["widen", "prune", "deepen", "remove_layer"]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from torch import nn
 
 from adaptnet.errors import CheckpointError
 from adaptnet.nn import model_from_spec
+from adaptnet.nn.protocols import HasSpec
 from adaptnet.train import _any_model, _integrity
 from adaptnet.train._state import check_plain, optimizer_state, qualname, restore_optimizer, saved_groups
 
@@ -111,8 +112,7 @@ def save(
 
 
 def _spec_json(model: nn.Module) -> str:
-    spec_fn = getattr(model, "spec", None)
-    spec = spec_fn() if callable(spec_fn) else _any_model.traced_spec(model)
+    spec = model.spec() if isinstance(model, HasSpec) else _any_model.traced_spec(model)
     try:
         return json.dumps({"adaptnet_checkpoint": FORMAT, "model": spec}, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from adaptnet.edit import Edit
 from adaptnet.groups import ensure_traced, widths
-from adaptnet.nn.losses import adaptive_loss
+from adaptnet.nn.losses import LossFn, adaptive_loss
 from adaptnet.policy import EditRequest, Policy
 from adaptnet.train import _edits, _rng
 from adaptnet.train.callbacks import Callback
@@ -42,7 +42,6 @@ from adaptnet.train.safety import capture_training_state, restore_training_state
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingError(RuntimeError):
