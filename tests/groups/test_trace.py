@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import adaptnet as an
-from adaptnet.groups import tracing
+from adaptnet.groups import macs, tracing
 
 F64 = torch.float64
 # model factory, example input, {group name: how many slices it must have at least}
@@ -283,3 +283,20 @@ def test_bad_input_gets_one_clear_error() -> None:
     with pytest.raises(an.EditError, match=r"forward fails .*the edit is undone.*write a size down"):
         an.widen(hard, "fc1", 1, exact=False)
     assert hard.fc1.out_features == 6
+
+
+@pytest.mark.parametrize("name", ["seed", "convs", "resnet", "tokens"])
+def test_macs_counted_from_the_graph_match_measured_ones_and_predict_growth(name: str) -> None:
+    model, x = _build(name)
+    assert macs(model) == an.count_macs(model, x)  # Linear and Conv products only in these models
+    group = next(iter(an.unit_groups(model)))
+    predicted = macs(model, {group: 2})
+    an.widen(model, group, 2, init="zero", exact=False)
+    assert macs(model) == predicted == an.count_macs(model, x)
+
+
+def test_macs_count_attention_products() -> None:
+    model, x = _build("attention")
+    t, d, heads = 5, 16, 4
+    attention = 2 * heads * t * t * (d // heads)  # q k^T and weights v, per sample
+    assert macs(model) == an.count_macs(model, x) + attention

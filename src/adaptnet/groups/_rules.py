@@ -73,6 +73,7 @@ def _linear(w: Walk, node: fx.Node) -> Out:
     if lb is not None:
         w.unify(lb[0], lw[0], node)
         w.use(bias, 0, "out")
+    w.products.append((result, [lx[-1]]))
     return result
 
 
@@ -86,7 +87,9 @@ def _matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Out:
     w.use(b, -2, "in")
     w.use(b, -1, "out")
     batch = _broadcast_layouts(w, node, [la[:-2], lb[:-2]], out[:-2])
-    return [*batch, la[-2], lb[-1]]
+    result = [*batch, la[-2], lb[-1]]
+    w.products.append((result, [la[-1]]))
+    return result
 
 
 def _broadcast_layouts(w: Walk, node: fx.Node, layouts: list[list[Layout]], shape: list[int]) -> list[Layout]:
@@ -164,6 +167,7 @@ def _conv(w: Walk, node: fx.Node) -> Out:
     if lb is not None:
         w.unify(lb[0], c_out, node)
         w.use(bias, 0, "out")
+    w.products.append((result, lw[1:]))  # each output sums over (in / groups) x kernel
     return result
 
 
@@ -302,6 +306,8 @@ def _sdpa(w: Walk, node: fx.Node) -> Out:
     mask = w.lay(_arg(node, 3, "attn_mask"))
     if mask is not None:
         _broadcast_layouts(w, node, [mask, [*batch, q[-3], q[-2], k[-2]]], [*out[:-1], w.dims.size(k[-2])])
+    scores = [*batch, q[-3], q[-2], k[-2]]
+    w.products += [(scores, [q[-1]]), ([*batch, q[-3], q[-2], v[-1]], [k[-2]])]  # q k^T, then weights v
     return [*batch, q[-3], q[-2], v[-1]]
 
 

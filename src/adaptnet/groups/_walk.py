@@ -30,6 +30,9 @@ class Walk:
         # parameter's dim. Lets a rule see that ``linear``'s weight is a parameter.
         self.origin: dict[fx.Node, tuple[str, list[int | None]]] = {}
         self.uses: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (param, dim) -> [(role, node index)]
+        # Every product (linear, matmul, conv, attention): its output dims and the dims it sums
+        # over; multiply-accumulates are the product of their sizes, for any group sizes.
+        self.products: list[tuple[list[Layout], list[Layout]]] = []
         self.position = 0
 
     # -- helpers for rules -------------------------------------------------------------------

@@ -70,6 +70,9 @@ class Trace:
     roles: dict[tuple[str, int], str] = field(default_factory=dict)
     # The shapes of the outputs on the example inputs: no edit may change them.
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    # Multiply-accumulates of the example batch: per product, its output and summed dims' layouts.
+    products: list[tuple[tuple[Layout, ...], tuple[Layout, ...]]] = field(default_factory=list)
+    batch: int = 1  # the example batch's size (dim 0 of the first input)
 
 
 def structure_key(model: nn.Module) -> tuple[Any, ...]:
@@ -250,7 +253,14 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
         groups.append(_Group(name, v, group_parts, frozenset(dims.mixed.get(v, ())), tied_names))
     output = next(n for n in graph.nodes if n.op == "output")
     shapes = [tuple(shape_of(a) or ()) for a in output.args[0] if isinstance(a, fx.Node)]
-    return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes)
+    products = [(tuple(_tree(dims, x) for x in out), tuple(_tree(dims, x) for x in summed))
+                for out, summed in walk.products]
+    for out, summed in products:
+        sizes.update({v: dims.size(v) for x in out + summed for v in _leaves(x)})
+    first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    batch = int(first.shape[0]) if first is not None else 1
+    return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes, products,
+                 batch)
 
 
 def _fix_module_constraints(model: nn.Module, walk: Walk, placeholders: dict[str, fx.Node]) -> None:
@@ -378,6 +388,33 @@ def unit_groups(model: nn.Module, example_inputs: Sequence[Any] | None = None) -
     if isinstance(model, DeclaresGroups):
         return {g.name: g for g in model.unit_groups()}
     return _build(model, trace(model, example_inputs))
+
+
+def macs(model: nn.Module, grow: Mapping[str, int] | None = None, inputs: tuple[Any, ...] | None = None) -> int:
+    """Multiply-accumulates of one forward pass per sample, counted from the traced graph (every
+    linear, matmul, convolution and attention product), for the group sizes the model has now,
+    or with ``grow[name]`` more units in the named groups. Needs no forward pass.
+
+    ``inputs`` (a batch): count for samples of their shape (images of another size, longer
+    sequences), tracing again if the model was traced on samples of another shape.
+    """
+    found = trace(model)
+    if inputs is not None and _sample_shapes(inputs) != _sample_shapes(found.example_inputs):
+        found = trace(model, inputs)
+    sizes = _current_sizes(model, found)
+    for g in found.groups:
+        sizes[g.var] += (grow or {}).get(g.name, 0)
+    total = 0
+    for out, summed in found.products:
+        count = 1
+        for x in out + summed:
+            count *= _tree_size(x, sizes)
+        total += count
+    return total // max(1, found.batch)
+
+
+def _sample_shapes(inputs: Sequence[Any]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
 
 
 def widths(model: nn.Module) -> list[int]:

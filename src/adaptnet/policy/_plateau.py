@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptnet.edit import widen
-from adaptnet.edit._transaction import Snapshot
-from adaptnet.nn.flops import count_macs
+from adaptnet.groups import macs
 from adaptnet.nn.groups import UnitGroup, unit_positions
 
 
@@ -53,16 +51,11 @@ def params_per_unit(group: UnitGroup) -> int:
 def macs_per_unit(model: nn.Module, group: UnitGroup, x: torch.Tensor) -> tuple[int, int]:
     """(forward MACs per sample now, extra MACs per sample of one more unit in ``group``).
 
-    Measured: one unit is added inside a snapshot, counted, and the snapshot restored, so
-    that convolutions, pooling and residual partners are all accounted for.
+    Counted from the traced graph (``adaptnet.groups.macs``) for samples shaped like ``x``: every
+    product the unit takes part in (convolutions, residual partners, attention) is counted.
     """
-    now = count_macs(model, x)
-    snapshot = Snapshot(model, None)
-    try:
-        widen(model, group.layer, 1, init="net2net")  # needs no batch, works on any group
-        return now, count_macs(model, x) - now
-    finally:
-        snapshot.restore()
+    now = macs(model, inputs=(x,))
+    return now, macs(model, {group.name: 1}) - now
 
 
 class Budget:
