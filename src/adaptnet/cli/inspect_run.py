@@ -15,6 +15,8 @@ from typing import Any
 from torch import nn
 
 from adaptnet.cli._common import CLIError, newest_loadable
+from adaptnet.groups import unit_groups
+from adaptnet.nn.protocols import HasSpec
 from adaptnet.train import _integrity
 from adaptnet.train.checkpoint import SPEC_FILE, load
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG, read_events
@@ -47,22 +49,16 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def layer_table(model: nn.Module) -> list[tuple[str, str, str, int]]:
-    """Rows ``(layer, kind, width, params)``: hidden blocks in order, then the head."""
-    rows: list[tuple[str, str, str, int]] = []
-    blocks = getattr(model, "blocks", None)
-    spec_fn = getattr(model, "spec", None)
-    specs = spec_fn().get("blocks", []) if callable(spec_fn) else []
-    if isinstance(blocks, nn.ModuleList):
-        for i, block in enumerate(blocks):
-            kind = specs[i]["kind"] if i < len(specs) else type(block).__name__
-            rows.append((str(i), kind, str(getattr(block, "width", "?")), _count(block)))
-        head = getattr(model, "head", None)
-        if isinstance(head, nn.Module):
-            rows.append(("head", type(head).__name__.lower(), str(getattr(head, "out_features", "?")), _count(head)))
-        return rows
-    for name, child in model.named_children():  # a model without blocks: its top-level modules
-        rows.append((name, type(child).__name__, "?", _count(child)))
+def layer_table(model: nn.Module) -> list[tuple[str, str, str, str, int]]:
+    """Rows ``(layer, group, kind, width, params)``: the model's unit groups in order (``params``:
+    the tensors that compute each group's units). ``kind`` is the block kind of adaptnet's own
+    models (``dense``/``residual``), else ``group``."""
+    specs = model.spec().get("blocks", []) if isinstance(model, HasSpec) else []
+    rows = []
+    for i, group in enumerate(unit_groups(model).values()):
+        kind = specs[i]["kind"] if i < len(specs) else "group"
+        computing = {id(s.tensor): s.tensor.numel() for s in group.slices if s.role != "in"}
+        rows.append((str(i), group.name, kind, str(group.size), sum(computing.values())))
     return rows
 
 
@@ -85,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {path.name}, newer but it does not load: {reason}")
     print(f"model: {type(model).__name__}" + (f" ({options})" if options else ""))
     table = layer_table(model)
-    print(f"{'layer':<6} {'kind':<10} {'width':>6} {'params':>10}")
-    for layer, kind, width, params in table:
-        print(f"{layer:<6} {kind:<10} {width:>6} {params:>10}")
+    name_width = max([5, *(len(row[1]) for row in table)])
+    print(f"{'layer':<6} {'group':<{name_width}} {'kind':<10} {'width':>6} {'params':>10}")
+    for layer, name, kind, width, params in table:
+        print(f"{layer:<6} {name:<{name_width}} {kind:<10} {width:>6} {params:>10}")
     print(f"total params: {_count(model)}")
     if run_dir is not None:
         step = state.get("step")
