@@ -18,7 +18,7 @@ from torch import nn
 from adaptnet.edit._probe import LossFn, eval_mode, split_batch
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.errors import EditError
-from adaptnet.nn.groups import UnitGroup
+from adaptnet.nn.groups import UnitGroup, unit_positions
 
 
 def splitting_scores(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
@@ -26,7 +26,11 @@ def splitting_scores(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Lo
     if loss_fn is None:
         raise EditError("init='firefly' needs batch=(inputs, targets) and loss_fn=")
     x, y = split_batch(batch, "init='firefly'")
-    producer = next(s.module for s in group.slices if s.role == "out")
+    # The slice that computes the units: its layer's output holds them on the last dim for a
+    # matrix weight (Linear, HF Conv1D), on dim 1 for a convolution's (B, C, ...).
+    computing = next(s for s in group.slices if s.role == "out" and s.tensor.dim() >= 2)
+    producer = computing.module
+    unit_dim = -1 if computing.tensor.dim() == 2 else 1
     captured: list[torch.Tensor] = []
 
     def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -42,12 +46,15 @@ def splitting_scores(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Lo
             loss = loss_fn(out, y) * x.shape[0]
             loss.backward()
         grad = captured[0].grad
-        if grad is None or grad.dim() < 2 or grad.shape[1] != group.size:
+        positions = unit_positions(computing, group.size).flatten()
+        if grad is None or grad.dim() < 2 or grad.shape[unit_dim] != computing.tensor.shape[computing.dim]:
             raise EditError(
                 f"init='firefly' reads the units' pre-activations from the output of {type(producer).__name__}, "
-                f"which is not (batch, {group.size} units, ...): use init='net2net' or 'gradmax' for this group"
+                f"which does not hold them on one dimension: use init='net2net' or 'gradmax' for this group"
             )
-        per_sample = grad.reshape(grad.shape[0], grad.shape[1], -1).sum(dim=2).to(torch.float64)  # (B, n)
+        # (B, entries, rest) -> the entries of each unit summed: (B, units)
+        moved = grad.movedim(unit_dim, 1)[:, positions.to(grad.device)]
+        per_sample = moved.reshape(grad.shape[0], group.size, -1).sum(dim=2).to(torch.float64)
         return per_sample.var(dim=0, correction=0)
     finally:
         handle.remove()
