@@ -71,8 +71,8 @@ from adaptnet._tensor import set_parameter
 from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import eval_mode
 from adaptnet.edit.index_map import IndexMap
-from adaptnet.edit.init import _uniform
-from adaptnet.edit.ops import _positive, _run
+from adaptnet.edit.init import uniform
+from adaptnet.edit.ops import check_positive, run_edit
 from adaptnet.edit.record import Edit
 from adaptnet.errors import EditError
 from adaptnet.nn.moe import MoE
@@ -197,19 +197,20 @@ def _fresh_experts(moe: MoE, sources: list[int], preserve: bool,
     (preserving) or are drawn afresh. Keys are slice positions in ``MoE.expert_group()``."""
     n, dim, hidden = len(sources), moe.dim, moe.hidden
     ref, src = moe.w1, torch.tensor(sources, dtype=torch.long, device=moe.w1.device)
-    fresh = {
-        2: _uniform([n, hidden, dim], 1 / math.sqrt(dim), ref, generator),
-        3: _uniform([n, hidden], 1 / math.sqrt(dim), ref, generator),
-        4: _uniform([n, dim, hidden], 1 / math.sqrt(hidden), ref, generator),
-        5: _uniform([n, dim], 1 / math.sqrt(hidden), ref, generator),
+    values: dict[tuple[nn.Module, str], torch.Tensor] = {
+        (moe, "w1"): uniform([n, hidden, dim], 1 / math.sqrt(dim), ref, generator),
+        (moe, "b1"): uniform([n, hidden], 1 / math.sqrt(dim), ref, generator),
+        (moe, "w2"): uniform([n, dim, hidden], 1 / math.sqrt(hidden), ref, generator),
+        (moe, "b2"): uniform([n, dim], 1 / math.sqrt(hidden), ref, generator),
     }
     if preserve:
-        fresh[0] = moe.router.weight.detach().index_select(0, src)
-        fresh[1] = moe.router.bias.detach().index_select(0, src)
+        values[(moe.router, "weight")] = moe.router.weight.detach().index_select(0, src)
+        values[(moe.router, "bias")] = moe.router.bias.detach().index_select(0, src)
     else:
-        fresh[0] = _uniform([n, dim], 1 / math.sqrt(dim), moe.router.weight, generator)
-        fresh[1] = _uniform([n], 1 / math.sqrt(dim), moe.router.bias, generator)
-    return fresh
+        values[(moe.router, "weight")] = uniform([n, dim], 1 / math.sqrt(dim), moe.router.weight, generator)
+        values[(moe.router, "bias")] = uniform([n], 1 / math.sqrt(dim), moe.router.bias, generator)
+    slots = {(s.module, s.name): k for k, s in enumerate(moe.expert_group().slices)}
+    return {slots[key]: value for key, value in values.items()}
 
 
 def _shift_router_bias(moe: MoE, old: int, sources: list[int], totals: dict[int, float],
@@ -229,7 +230,7 @@ def _shift_router_bias(moe: MoE, old: int, sources: list[int], totals: dict[int,
 
 
 def _check(n: Any, init: Any, preserve: Any, sources: Any, share: Any, num_experts: int) -> None:
-    _positive(n, "n")
+    check_positive(n, "n")
     if init not in INITS:
         raise EditError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if not isinstance(preserve, bool):
@@ -317,4 +318,4 @@ def grow_experts(
         return tuple(range(old, old + n)), ()
 
     group = f"{name}.experts" if name else "experts"
-    return _run(model_or_moe, optimizer, batch, body, op="grow_experts", layer=index, group=group, init=init)
+    return run_edit(model_or_moe, optimizer, batch, body, op="grow_experts", layer=index, group=group, init=init)

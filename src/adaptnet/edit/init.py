@@ -35,7 +35,7 @@ INITS = ("net2net", "firefly", "zero", "gradmax", "random")
 Plan = tuple[IndexMap, dict[int, torch.Tensor]]
 
 
-def _uniform(shape: list[int], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def uniform(shape: list[int], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     values = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
     return (values * bound).to(device=like.device, dtype=like.dtype)
 
@@ -76,7 +76,7 @@ def _random_fresh(
 ) -> dict[int, torch.Tensor]:
     n = group.size
     return {
-        k: _uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(_fan_in(sl, n, by)), sl.tensor, generator)
+        k: uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(_fan_in(sl, n, by)), sl.tensor, generator)
         for k, sl in enumerate(group.slices)
         if sl.role in roles
     }

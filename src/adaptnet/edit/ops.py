@@ -57,7 +57,7 @@ def _check_exact(group: UnitGroup, init: str, by: int) -> None:
     )
 
 
-def _positive(value: Any, name: str) -> int:
+def check_positive(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise EditError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -99,7 +99,7 @@ def _still_runs(model: nn.Module, batch: Any) -> torch.Tensor | None:
     return None
 
 
-def _run(
+def run_edit(
     model: nn.Module,
     optimizer: Optimizer | None,
     batch: Any,
@@ -158,7 +158,7 @@ def widen(
             mixed by a LayerNorm or a mean, tied weights); False widens anyway.
     """
     group = find_group(model, layer, "layer")
-    _positive(by, "by")
+    check_positive(by, "by")
     if init not in _init.INITS:
         raise EditError(f"init must be one of {', '.join(_init.INITS)}; got {init!r}")
     if exact:
@@ -186,7 +186,7 @@ def widen(
         apply_index_map(group, imap, fresh, optimizer, model)
         return tuple(range(n, n + by)), ()
 
-    return _run(model, optimizer, batch, body, op="widen", layer=group.layer, group=group.name, init=init)
+    return run_edit(model, optimizer, batch, body, op="widen", layer=group.layer, group=group.name, init=init)
 
 
 def prune(
@@ -251,7 +251,7 @@ def prune(
         return (), tuple(removed)
 
     init = None if units is not None else importance
-    return _run(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
+    return run_edit(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
 
 
 def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, int]:
@@ -314,13 +314,13 @@ def deepen(
                 sync_parameters(optimizer, model, before)
             return (), ()
 
-        record = _run(model, optimizer, batch, insert, op="deepen", layer=-1, group=after, init=init)
+        record = run_edit(model, optimizer, batch, insert, op="deepen", layer=-1, group=after, init=init)
         return replace(record, group=inserted[0])
     own, index = _own_index(model, after, "after")
     if init != "identity":
         raise EditError(f"deepen of adaptnet's own models supports init='identity' only; got {init!r}")
     if width is not None:
-        _positive(width, "width")
+        check_positive(width, "width")
     names: list[str] = []
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -331,7 +331,7 @@ def deepen(
             sync_parameters(optimizer, model, before)
         return tuple(range(_widths(model)[index + 1])), ()
 
-    record = _run(model, optimizer, batch, body, op="deepen", layer=index + 1, group="", init=init)
+    record = run_edit(model, optimizer, batch, body, op="deepen", layer=index + 1, group="", init=init)
     return replace(record, group=names[0])
 
 
@@ -360,7 +360,7 @@ def remove_layer(
                 sync_parameters(optimizer, model, before)
             return (), ()
 
-        return _run(model, optimizer, batch, drop, op="remove_layer", layer=-1, group=layer, init=None)
+        return run_edit(model, optimizer, batch, drop, op="remove_layer", layer=-1, group=layer, init=None)
     own, index = _own_index(model, layer, "layer")
     width = _widths(model)[index]
     blocks = getattr(model, "blocks", None)
@@ -373,4 +373,4 @@ def remove_layer(
             sync_parameters(optimizer, model, before)
         return (), tuple(range(width))
 
-    return _run(model, optimizer, batch, body, op="remove_layer", layer=index, group=name, init=None)
+    return run_edit(model, optimizer, batch, body, op="remove_layer", layer=index, group=name, init=None)
