@@ -54,6 +54,17 @@ def remap(t: torch.Tensor, dim: int, imap: IndexMap, fresh: torch.Tensor | float
         fresh: values for the fresh units: a tensor shaped like ``t`` with
             ``n_fresh`` along ``dim``, or a scalar fill.
     """
+    n_old = t.shape[dim]
+    if imap.size >= n_old and torch.equal(imap.source[:n_old], torch.arange(n_old)):
+        # Old units in order, then new ones (every widen): one copy of the old tensor, not a gather.
+        shape = list(t.shape)
+        shape[dim] = imap.size
+        out = t.new_empty(shape)
+        out.narrow(dim, 0, n_old).copy_(t)
+        tail = IndexMap(imap.source[n_old:])
+        if tail.size:
+            out.narrow(dim, n_old, tail.size).copy_(remap(t, dim, tail, fresh))
+        return out
     source = imap.source.to(t.device)
     out = t.index_select(dim, source.clamp(min=0))
     positions = imap.fresh.to(t.device)
