@@ -61,6 +61,9 @@ def reshape(model: nn.Module, spec: dict[str, Any], where: str) -> None:
     saved_groups = spec.get("groups")
     if not isinstance(saved_groups, dict):
         raise CheckpointError(f"{where}: 'groups' must map group names to sizes")
+    if depth.depth_edits(model):
+        raise CheckpointError(f"{where}: the given {type(model).__name__} has been deepened or shortened already; "
+                              "pass a freshly built instance")
     try:
         depth.replay(model, spec.get("depth_edits", []))
     except EditError as err:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from adaptnet.edit import Edit
 from adaptnet.groups import ensure_traced, widths
 from adaptnet.nn.losses import LossFn, adaptive_loss
+from adaptnet.nn.protocols import HasSpec
 from adaptnet.policy import EditRequest, Policy
 from adaptnet.train import _edits, _rng
 from adaptnet.train.callbacks import Callback
@@ -231,7 +232,10 @@ class Trainer:
             path = self.checkpoints.latest() if self.checkpoints is not None else None
             if path is None:
                 return False
-        model, state = load(path, map_location=self.device)
+        # adaptnet's own models rebuild themselves from their spec; a user's model is given the
+        # saved shapes (it must be freshly built: the Trainer's model, before any edit).
+        user_model = None if isinstance(self.model, HasSpec) else self.model
+        model, state = load(path, map_location=self.device, model=user_model)
         self.model = model.to(self.device)
         restore_optimizer(self.optimizer, self.model, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
