@@ -32,7 +32,6 @@ from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs
 logger = logging.getLogger(__name__)
 
 _CACHE = "_adaptnet_trace"
-_NORM_FILL = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _export(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, list[str]]:
+def _graph_of(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, list[str]]:
     """Trace ``model`` to an ATen graph; returns it and the names of its first inputs (its tensors).
 
     The model is traced as a function of its parameters, buffers and inputs
@@ -170,7 +169,7 @@ def _walk(graph: fx.Graph, names: list[str]) -> tuple[Walk, dict[str, fx.Node]]:
                     out = walk.fresh(val.shape, why)
                 elif isinstance(val, (tuple, list)):
                     out = [walk.fresh(v.shape, why) if isinstance(v, torch.Tensor) else None for v in val]
-                walk.env[node] = out
+                walk.env[node] = out  # before fix_node, which fixes the outputs too
                 walk.fix_node(node, why)
             walk.env[node] = out
         elif node.op == "output":
@@ -189,21 +188,23 @@ def _tree(dims: Dims, x: Layout) -> Layout:
     return Cat(parts) if isinstance(x, Cat) else Mul(parts)
 
 
-def _role(uses: list[tuple[str, int]]) -> tuple[str, float | None, bool]:
+def _role(uses: list[tuple[str, int]]) -> tuple[str, float | None]:
+    """A dimension's role and fresh fill, from its uses: computing the units wins over reading them
+    (a tied weight does both); a tensor only multiplied in starts new units at 1, one only added at 0."""
     roles = {r for r, _ in uses}
     if "out" in roles:
-        return "out", None, "in" in roles
+        return "out", None
     if "in" in roles:
-        return "in", None, False
+        return "in", None
     if roles == {"scale"}:
-        return "norm", 1.0, False
-    if roles <= {"shift"} and roles:
-        return "norm", 0.0, False
-    return "norm", None, False
+        return "norm", 1.0
+    if roles == {"shift"}:
+        return "norm", 0.0
+    return "norm", None
 
 
 def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
-    graph, names = _export(model, example_inputs)
+    graph, names = _graph_of(model, example_inputs)
     walk, placeholders = _walk(graph, names)
     dims = walk.dims
     _fix_module_constraints(model, walk, placeholders)
@@ -220,7 +221,7 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
             leaves = dims.leaves(tree)
             sizes.update({v: dims.size(v) for v in leaves})
             uses = walk.uses.get((name, d), [])
-            role, fill, tied = _role(uses)
+            role, fill = _role(uses)
             variables[(name, d)] = tuple(dims.find(v) for v in leaves)
             roles[(name, d)] = role
             free = [v for v in dict.fromkeys(leaves) if v not in dims.fixed and dims.size(v) > 0]
@@ -235,8 +236,6 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
                     position = min((p for r, p in uses if r == "out"), default=1 << 30)
                     if v not in first_out or position < first_out[v][0]:
                         first_out[v] = (position, name)
-                if tied:
-                    parts[v][-1] = _Part(name, d, tree, "out", fill)
     groups: list[_Group] = []
     taken: set[str] = set()
     for v, (_, param) in sorted(first_out.items(), key=lambda item: item[1][0]):
