@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+FUZZ_SECONDS ?= 180
+FUZZ_SEED ?= 0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-distributed lint venv bench clean
+.PHONY: demo test test-distributed fuzz-configs lint venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,11 @@ test: venv lint
 
 test-distributed: venv
 	$(BIN)/pytest -q -m distributed
+
+# Mutated example configs through `adaptnet train` for FUZZ_SECONDS: each must run or be refused in one line
+# (`make test` runs a few of them). A failure prints the seed and the config that reproduces it.
+fuzz-configs: venv
+	$(BIN)/python tests/fuzz/fuzz_configs.py --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"

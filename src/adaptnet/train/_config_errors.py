@@ -50,6 +50,9 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+show_value = _show  # for the cross-field checks of ``config``
+
+
 def _flat(meta: Sequence[Any]) -> list[Any]:
     """Constraint objects, with those inside ``Field(...)`` metadata unpacked."""
     return [x for m in meta for x in (m.metadata if isinstance(m, FieldInfo) else [m])]
@@ -127,6 +130,8 @@ def _walk(root: type[BaseModel], loc: Sequence[int | str]) -> tuple[list[str], A
             if tagged:
                 tp = tagged[0]
                 continue
+        if len(args) > 1 and item in {_member_name(a) for a in args}:
+            continue  # pydantic names the union member it tried (``where.str``): report the union
         if len(args) == 1:
             tp, _ = _strip(args[0])
         if _is_model(tp):
@@ -143,6 +148,12 @@ def _walk(root: type[BaseModel], loc: Sequence[int | str]) -> tuple[list[str], A
             parts.append(str(item))
             tp = Any
     return parts, tp, owner
+
+
+def _member_name(tp: Any) -> str:
+    """How pydantic names a member of a plain union in an error's location: ``str``, ``int``, ``list[int]``."""
+    tp, _ = _strip(tp)
+    return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
 def _tag(model: type[BaseModel]) -> Any:
@@ -179,8 +190,9 @@ def one_line(error: ErrorDetails, root: type[BaseModel], prefix: str = "") -> st
 
 def format_validation_error(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     """The first error of ``err`` on one line, with a count of the others."""
-    errors = err.errors(include_url=False)
-    text = one_line(errors[0], root, prefix)
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})"
+    # Each member of a failed union reports its own error; they read the same once the union is named.
+    lines = list(dict.fromkeys(one_line(e, root, prefix) for e in err.errors(include_url=False)))
+    text = lines[0]
+    if len(lines) > 1:
+        text += f" (and {len(lines) - 1} more problem{'s' * (len(lines) > 2)})"
     return " ".join(text.split())

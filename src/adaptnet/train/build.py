@@ -6,7 +6,10 @@ is rebuilt exactly as it was started (the Trainer then swaps in the checkpoint's
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,25 +43,139 @@ class Run:
         return self.config.train.epochs
 
 
+# Peak memory while drawing and splitting the synthetic and regression data sets, per row (measured:
+# about 600 bytes for synthetic, 410 for regression, with 2 million rows).
+_GENERATED_ROW_BYTES = 640
+
+
 def load_splits(cfg: Config) -> Splits:
-    """The config's data, split by its seed (images for a CNN)."""
+    """The config's data, split by its seed (images for a CNN).
+
+    Raises:
+        ConfigError: ``data.samples`` asks for more generated rows than the machine's memory holds.
+    """
     d = cfg.data
+    if d.samples is not None:
+        need, available = d.samples * _GENERATED_ROW_BYTES, available_memory(torch.device("cpu"))
+        if available is not None and need > available:
+            raise ConfigError(f"data.samples: {d.samples:,} rows need about {_bytes(need)} of memory to draw and "
+                              f"split, more than the {_bytes(available)} available; use fewer rows")
     return load_data(d.name, csv=d.csv, target=d.target, seed=cfg.seed, val_fraction=d.val_fraction,
                      test_fraction=d.test_fraction, standardize=d.standardize,
                      images=isinstance(cfg.model, CNNConfig), samples=d.samples)
 
 
 def build_model(cfg: Config, info: TaskInfo) -> nn.Module:
-    """The model at its starting size (initialised from ``cfg.seed``)."""
+    """The model at its starting size (initialised from ``cfg.seed``).
+
+    Raises:
+        ConfigError: the model cannot be built or trained in the memory of the run's device (the
+            message says how much it would need); checked before anything is allocated.
+    """
+    m = cfg.model
+    if isinstance(m, CNNConfig) and (info.image_shape is None or info.num_classes is None):
+        raise ConfigError(f"model.type: cnn needs image classification data, got {info.name} ({info.task})")
+    check_model_size(cfg, info)
     torch.manual_seed(cfg.seed)
+    return _construct(cfg, info)
+
+
+def _construct(cfg: Config, info: TaskInfo) -> nn.Module:
     m = cfg.model
     if isinstance(m, CNNConfig):
-        if info.image_shape is None or info.num_classes is None:
-            raise ConfigError(f"model.type: cnn needs image classification data, got {info.name} ({info.task})")
+        assert info.image_shape is not None and info.num_classes is not None
         return AdaptiveCNN(info.image_shape[0], list(m.channels), info.num_classes, kernel_size=m.kernel_size,
                            norm=m.norm, pool=m.pool, activation=m.activation)
     return AdaptiveMLP(info.in_features, list(m.hidden), info.out_features, activation=m.activation, norm=m.norm,
                        dropout=m.dropout)
+
+
+# Per-element optimizer state tensors (each the size of the parameters) besides the gradient.
+_OPTIMIZER_STATES = {"sgd": 0, "adam": 2, "adamw": 2, "rmsprop": 1, "adagrad": 1}
+
+
+def check_model_size(cfg: Config, info: TaskInfo) -> None:
+    """``ConfigError`` when the model, or one growth step of a policy, exceeds the memory of the device.
+
+    What a model needs to train: its weights, gradients and per-element optimizer state. A lower
+    bound from the widths alone (Python integers: no overflow) refuses absurd sizes; a model that
+    passes it is built on the ``meta`` device (no memory) and counted exactly. Then each growing
+    policy's first edit (``by`` units, or a ``width``-wide new layer, within its ``max_width`` and
+    ``max_params``) is bounded the same way, so that it does not fail to allocate mid-run.
+    """
+    m = cfg.model
+    key = "model.channels" if isinstance(m, CNNConfig) else "model.hidden"
+    if isinstance(m, CNNConfig):
+        assert info.image_shape is not None and info.num_classes is not None
+        sizes, area = [info.image_shape[0], *m.channels, info.num_classes], m.kernel_size**2
+        bound = sum(a * b for a, b in itertools.pairwise(sizes[:-1])) * area + sizes[-2] * sizes[-1]
+    else:
+        sizes, area = [info.in_features, *m.hidden, info.out_features], 1
+        bound = sum(a * b for a, b in itertools.pairwise(sizes))
+    device = resolve_device(cfg.device)
+    available = available_memory(device)
+    if available is None:
+        return
+    states = _OPTIMIZER_STATES[cfg.optim.name] + int(cfg.optim.name in ("sgd", "rmsprop") and bool(cfg.optim.momentum))
+    itemsize = torch.empty(0).element_size()  # the default dtype's
+
+    def refuse(where: str, what: str, params: int, buffers: int = 0) -> None:
+        weights = (params + buffers) * itemsize
+        need = weights + params * itemsize * (1 + states)
+        if need > available:
+            raise ConfigError(
+                f"{where}: {what} {params:,} parameters needs about {_bytes(need)} to train ({_bytes(weights)} "
+                f"of weights, then gradients and {cfg.optim.name}'s state), more than the {_bytes(available)} of "
+                f"memory available on {device.type}")
+
+    refuse(key, "a model of at least", bound)
+    try:
+        with torch.device("meta"):
+            model = _construct(cfg, info)
+    except (RuntimeError, TypeError, OverflowError) as err:  # a size torch cannot even describe
+        raise ConfigError(f"{key}: cannot build a model this large ({' '.join(str(err).split()[:12])})") from None
+    params = sum(p.numel() for p in model.parameters())
+    refuse(key, "a model of", params, sum(b.numel() for b in model.buffers()))
+    # The least a new unit costs: its fan-in and fan-out (a new residual layer: 2 x its stream, per unit).
+    per_unit = {"widen": min(a * area + b for a, b in zip(sizes[:-2], sizes[2:], strict=True)),
+                "deepen": 2 * min(sizes[1:-1]) * area}
+    for i, policy in enumerate(cfg.policies):
+        option, op = ("by", "widen") if "by" in policy else ("width", "deepen")
+        units = policy.get(option)
+        if not isinstance(units, int):
+            continue  # a policy that only prunes, or a new layer as wide as its stream (bounded above)
+        if policy.get("max_width") is not None:
+            units = min(units, policy["max_width"])
+        after = params + units * per_unit[op]
+        if policy.get("max_params") is not None:
+            after = min(after, max(policy["max_params"], params))
+        refuse(f"policies.{i}.{option}", f"one edit of {units:,} units makes a model of at least", after)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device`` (CPU and MPS: the machine's available memory); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _bytes(n: int) -> str:
+    """``52.0 TB``, ``3.1 GB``, ``12 kB`` (powers of 1000)."""
+    if n < 1000:
+        return f"{n} B"
+    exp = min(int(math.log10(n) // 3), 8)
+    unit = "kMGTPEZY"[exp - 1]
+    return f"{n / 1000**exp:.1f} {unit}B"
 
 
 def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
 from adaptnet.policy import POLICIES, make_policy
-from adaptnet.train._config_errors import OWN_ERROR, format_validation_error
+from adaptnet.train._config_errors import OWN_ERROR, format_validation_error, show_value
 from adaptnet.train.data import DATASETS
 
 IMAGE_DATASETS = ("digits",)
@@ -216,8 +216,9 @@ def _check_policy(index: int, entry: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one ``{name: ..., <options>}`` entry by building the policy; return it with defaults."""
     key = f"policies.{index}"
     name = entry.get("name")
-    if name not in POLICIES:
-        got = f"got {name!r}" if name is not None else "got nothing"
+    # The type first: a mapping or a list as the name cannot even be looked up (unhashable).
+    if not isinstance(name, str) or name not in POLICIES:
+        got = f"got {show_value(name)}" if "name" in entry else "got nothing"
         raise _fail(f"{key}.name", f"must be one of {', '.join(sorted(POLICIES))}, {got}")
     schema = _policy_schema(name)
     try:
