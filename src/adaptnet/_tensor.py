@@ -23,5 +23,6 @@ def set_parameter(param: torch.Tensor, value: torch.Tensor) -> None:
     except RuntimeError as err:
         raise EditError(
             "a graph built before the edit still uses this parameter (an output that was never "
-            "backpropagated); call backward() or drop those outputs before editing"
+            "backpropagated), or a wrapper such as DistributedDataParallel holds it; call backward() or "
+            "drop those outputs (and the wrapper: edit the bare module, then wrap it again) before editing"
         ) from err

@@ -127,3 +127,40 @@ def test_the_process_group_is_destroyed_at_exit_once_registered(monkeypatch: pyt
     monkeypatch.setattr(distributed.sys, "last_value", RuntimeError("a rank failed"), raising=False)
     distributed._shutdown()  # dying of an exception: peers may be in a collective, leave the group
     assert destroyed == [True]
+
+
+class Events(Callback):
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def on_after_edit(self, trainer: Trainer, edit: Edit, event: dict[str, Any]) -> None:
+        self.seen.append(event)
+
+
+def test_policies_decide_and_edit_without_the_ddp_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 16: where="gradient" measures each layer with probe units added by swap_tensors, which a
+    # live DDP wrapper (it holds every parameter) refused. A real DDP wrapper, on a 1-rank gloo group.
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = an.AdaptiveMLP(6, [4, 4], 3).double()
+        policy = an.GrowOnPlateau(patience=1, min_delta=100, by=2)  # any loss is a plateau: grows each epoch
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), nn.functional.cross_entropy,
+                          [policy], [events := Events()], seed=1, batch_size=16, device="cpu", probe_size=32)
+        wraps = []
+
+        def wrap() -> None:  # as Trainer._wrap under torchrun (the training loop of one process)
+            trainer._forward, trainer._wrapped = DistributedDataParallel(trainer.model), True
+            wraps.append(trainer.step)
+
+        monkeypatch.setattr(trainer, "_wrap", wrap)
+        wrap()
+        trainer.fit(_data(), epochs=3)
+        steps = trainer.step // 3
+        assert wraps == [0, steps, 2 * steps, 3 * steps]  # the policies ran unwrapped after every epoch
+        assert sum(model.widths) == 8 + 2 * 2 and isinstance(trainer._forward, DistributedDataParallel)
+        assert all("gradient score" in e["reason"] for e in events.seen) and len(events.seen) == 2
+    finally:
+        torch.distributed.destroy_process_group()

@@ -46,6 +46,10 @@ def apply_policies(trainer: Trainer, probe: Probe) -> None:
         return
     signals = Signals(trainer.epoch, trainer.step, trainer.model, trainer.history, probe, trainer.loss_fn,
                       _rng.generator(trainer.seed, trainer.step), lr=trainer.optimizer.param_groups[0]["lr"])
+    # Why: deciding may edit the model for a moment (where="gradient" adds probe units with swap_tensors),
+    # which a live DDP wrapper's references refuse. Not re-wrapped on an error (a collective; one rank may
+    # fail alone): the next fit() re-wraps.
+    trainer._unwrap()
     for policy in trainer.policies:
         requests = policy.decide(signals)
         if trainer.dist is not None:
@@ -54,6 +58,7 @@ def apply_policies(trainer: Trainer, probe: Probe) -> None:
                                {"params": signals.num_params, "requests": [r.to_dict() for r in requests]})
         for request in requests:
             apply_policy_request(trainer, request, probe, signals.generator)
+    trainer._wrap()
 
 
 def apply_policy_request(trainer: Trainer, request: EditRequest, probe: Probe, generator: torch.Generator) -> Edit:
@@ -80,8 +85,11 @@ def apply(trainer: Trainer, run: Callable[[], Edit], probe: Probe | None, policy
 
     With ``check`` (edits nobody agreed on beforehand), the ranks compare the edit records
     before re-wrapping: DDP would otherwise fail on the parameter shapes, without saying why.
+    Called with the model already unwrapped (the policies' edits), it leaves re-wrapping to
+    the caller, except after a failed edit.
     """
     loss_before = probe_loss(trainer, probe)
+    rewrap = trainer._wrapped
     trainer._unwrap()
     try:
         edit = run()
@@ -93,7 +101,8 @@ def apply(trainer: Trainer, run: Callable[[], Edit], probe: Probe | None, policy
         raise TypeError(f"an edit function must return the Edit record of the edit it made, got {type(edit)}")
     if check and trainer.dist is not None:  # the ranks' models differ if this raises: no re-wrap
         trainer.dist.agree(f"the edit {edit.op!r} at step {trainer.step} (apply_edit)", edit.to_dict())
-    trainer._wrap()
+    if rewrap:
+        trainer._wrap()
     event = {"step": trainer.step, "epoch": trainer.epoch, **edit.to_dict(), "policy": policy,
              "reason": reason, "loss_before": loss_before, "loss_after": probe_loss(trainer, probe)}
     logger.info("edit at step %d: %s layer %d -> widths %s", trainer.step, edit.op, edit.layer,
