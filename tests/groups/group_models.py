@@ -268,3 +268,34 @@ class DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         return h * 2 if h.sum() > 0 else h
+
+
+class EagerAttention(nn.Module):
+    """Attention written by hand (matmul, softmax), heads by view(b, t, -1, d), q/k/v by unbind."""
+
+    def __init__(self, d: int = 16, head_dim: int = 4):
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, dim=-1)
+        return x + self.o((weights @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class FixedHeads(nn.Module):
+    """Writes its number of heads down: view(b, -1, heads, d) lets the -1 take new heads."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = (z.view(b, -1, self.heads, self.head_dim).transpose(1, 2) for z in (self.q(x), self.k(x), self.v(x)))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return x + self.o(a.reshape(b, x.shape[1], -1))

@@ -27,6 +27,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
     "squeeze-excite": (gm.SqueezeExcite, lambda: torch.randn(6, 3, 6, 6)),
     "tokens": (gm.TokensAndPositions, lambda: torch.randn(6, 1, 8, 8)),
     "resnet": (gm.ResNet, lambda: torch.randn(6, 3, 6, 6)),
+    "eager-attention": (gm.EagerAttention, lambda: torch.randn(3, 5, 16)),
 }
 EXPECTED_GROUPS = {
     "seed": ["fc1"],
@@ -39,6 +40,7 @@ EXPECTED_GROUPS = {
     "squeeze-excite": ["conv", "squeeze"],
     "tokens": ["patch", "mlp1"],
     "resnet": ["stem", "layers.0.conv1", "layers.1.conv1"],
+    "eager-attention": ["qkv"],  # heads; head_dim indexes inside a head and is not a group
 }
 
 
@@ -231,11 +233,14 @@ def test_trace_once_per_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     an.unit_groups(model, (x,))
     an.widen(model, "stem", 8)  # a multiple of the units: exact under the blocks' LayerNorm
     an.prune(model, "blocks.0.up", keep=5)
-    an.widen(model, "blocks.1.up", 2, init="zero")
-    assert calls[0] == 1  # width edits change sizes, read back from the tensors
+    assert calls[0] == 3  # the first edit of each group is checked by tracing again
+    an.widen(model, "stem", 16)
+    an.prune(model, "blocks.0.up", keep=4)
+    an.unit_groups(model)
+    assert calls[0] == 3  # later ones change sizes only, read back from the tensors
     an.deepen(model, "blocks.1")
     an.unit_groups(model)
-    assert calls[0] == 2  # new modules: traced again, with the example inputs kept
+    assert calls[0] == 4  # new modules: traced again, with the example inputs kept
 
 
 def test_save_and_load_into_a_fresh_instance(tmp_path: Path) -> None:
@@ -270,6 +275,28 @@ def test_loading_into_a_different_model_names_the_first_differing_group(tmp_path
         an.load(tmp_path / "ck")
 
 
+def test_a_size_written_into_the_code_is_caught_and_undone() -> None:
+    torch.manual_seed(0)
+    model, x = gm.FixedHeads(), torch.randn(2, 4, 16)  # 4 tokens: view(b, -1, 4, 4) takes 5 heads as 5 tokens
+    an.unit_groups(model, (x,))
+    before = _out(model, x)
+    for edit in (lambda: an.widen(model, "q", 1, init="zero"), lambda: an.prune(model, "q", keep=3)):
+        with pytest.raises(an.EditError, match="traced again, its unit groups differ.*undone"):
+            edit()
+        assert model.q.out_features == 16 and torch.equal(_out(model, x), before)
+
+
+def test_deepen_refuses_a_block_that_changes_the_stream_shape() -> None:
+    torch.manual_seed(0)
+    model, x = gm.Convs(), torch.randn(2, 3, 16)
+    an.unit_groups(model, (x,))
+    stack = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6))
+    an.unit_groups(stack, (torch.randn(2, 4),))
+    with pytest.raises(an.EditError, match="not residual: the model does not run with a copy"):
+        an.deepen(stack, "0")
+    assert len(stack) == 2
+
+
 def test_bad_input_gets_one_clear_error() -> None:
     model = gm.DataDependent()
     with pytest.raises(an.EditError, match=r"could not trace DataDependent.*control flow"):
@@ -281,7 +308,7 @@ def test_bad_input_gets_one_clear_error() -> None:
         an.widen(gm.Seed(), "fc1", 1)
     hard = gm.HardCoded()
     an.unit_groups(hard, (torch.randn(2, 4),))
-    with pytest.raises(an.EditError, match=r"forward fails .*the edit is undone.*write a size down"):
+    with pytest.raises(an.EditError, match=r"outputs are \[\(3, 2\)\], not \[\(2, 2\)\]; the edit is undone"):
         an.widen(hard, "fc1", 1, exact=False)
     assert hard.fc1.out_features == 6
 

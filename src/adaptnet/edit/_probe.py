@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from adaptnet.errors import EditError
+from adaptnet.groups import output_tensors
 from adaptnet.nn.losses import LossFn
 
 
@@ -53,7 +54,9 @@ def backward_on(model: nn.Module, batch: Any, loss_fn: LossFn | None, what: str)
 
 
 @torch.no_grad()
-def outputs_on(model: nn.Module, batch: Any) -> torch.Tensor:
+def outputs_on(model: nn.Module, batch: Any) -> list[torch.Tensor]:
+    """Every output tensor of the model on ``batch``'s inputs, in eval mode (a Hugging Face model
+    returns a ModelOutput: its tensors)."""
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     with eval_mode(model):
-        return model(x)
+        return output_tensors(model(x))

@@ -131,6 +131,14 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
     container.insert(i + 1, block)
     _renumber(model, container, len(container) - 1)
     try:
+        try:
+            _outputs(model, inputs)
+        except Exception as err:
+            raise EditError(
+                f"block {after!r} is not residual: the model does not run with a copy of it after it "
+                f"({type(err).__name__}); deepen inserts blocks that keep the stream's shape, x + f(x) (a "
+                "downsampling block changes it)"
+            ) from err
         return _make_identity(model, after, block, i, inputs, before)
     except BaseException:
         del container[i + 1]

@@ -27,7 +27,7 @@ from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, inputs_for, output_tensors, trace, widths
+from adaptnet.groups import find_group, inputs_for, output_tensors, trace, verify_group, widths
 from adaptnet.nn.groups import UnitGroup
 from adaptnet.nn.protocols import InsertsBlocks
 
@@ -71,32 +71,45 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _still_runs(model: nn.Module, batch: Any) -> torch.Tensor | None:
-    """The outputs on ``batch`` (or, for a traced model, on its example inputs) after an edit.
+def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Tensor] | None:
+    """Run the edited model (inside the transaction) and return its outputs on ``batch``.
 
-    A model whose code writes a size down (``view(b, 4, ...)``, ``split(7)``) fails here rather
-    than at the next training step; the edit is then undone.
+    A traced model is run on its example inputs: an edit after which its forward fails or its
+    outputs change shape, or (checked once per group, by tracing again) its unit groups are no
+    longer what they were, is undone. That is what a size written into a model's code does
+    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``).
     """
     try:
-        if batch is not None:
-            return outputs_on(model, batch)
         inputs = inputs_for(model)
     except EditError:
-        return None  # never traced: nothing to run it on
+        inputs = None  # never traced (an edit of a part of a model, such as grow_experts)
+    failure = None
     try:
-        with torch.no_grad(), eval_mode(model):
-            shapes = [tuple(t.shape) for t in output_tensors(model(*inputs))]
-        expected = trace(model).output_shapes
-        failure = None if shapes == expected else f"its outputs are {shapes}, not {expected}"
+        if inputs is not None:
+            with torch.no_grad(), eval_mode(model):
+                shapes = [tuple(t.shape) for t in output_tensors(model(*inputs))]
+            if shapes != trace(model).output_shapes:
+                failure = f"its outputs are {shapes}, not {trace(model).output_shapes}"
+        outputs = outputs_on(model, batch) if batch is not None else None
     except Exception as err:
-        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        failure = f"its forward fails: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if failure is None and inputs is not None and group:
+        failure = verify_group(model, group)
     if failure is not None:
         raise EditError(
-            f"after the edit, {type(model).__name__}'s forward fails ({failure}); the edit is undone. Does "
-            "its code write a size down (view(b, 4, ...), split(7))? Compute sizes from the tensors instead "
-            "(view(b, -1, ...), chunk(2))"
+            f"after the edit, {failure}; the edit is undone. Does {type(model).__name__}'s code write a size down "
+            "(view(b, 4, ...), split(7), view(b, -1, n_heads, d))? Compute sizes from the tensors instead "
+            "(view(b, -1, ...), chunk(2), view(b, t, -1, d))"
         )
-    return None
+    return outputs
+
+
+def _change(before: list[torch.Tensor] | None, after: list[torch.Tensor] | None) -> float | None:
+    """Max-abs change of the outputs (all of them: a model may return several), or None."""
+    if before is None or after is None or [t.shape for t in before] != [t.shape for t in after]:
+        return None
+    return max((float((b.to(torch.float64) - a.to(torch.float64)).abs().max())
+                for a, b in zip(before, after, strict=True) if a.numel()), default=0.0)
 
 
 def run_edit(
@@ -113,10 +126,8 @@ def run_edit(
     before = outputs_on(model, batch) if batch is not None else None
     with transaction(model, optimizer):
         added, removed = body()
-        after = _still_runs(model, batch)
-    change = None
-    if before is not None and after is not None and before.shape == after.shape:
-        change = float((after.to(torch.float64) - before.to(torch.float64)).abs().max())
+        after = _check_after_edit(model, batch, record["group"] if record.get("op") in ("widen", "prune") else "")
+    change = _change(before, after)
     return Edit(
         units_added=added,
         units_removed=removed,

@@ -10,6 +10,7 @@ from adaptnet.groups.tracing import (
     structure_key,
     trace,
     unit_groups,
+    verify_group,
     widths,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "structure_key",
     "trace",
     "unit_groups",
+    "verify_group",
     "widths",
 ]

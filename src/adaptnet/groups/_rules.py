@@ -346,7 +346,7 @@ RULES: dict[str, Rule] = {
     **_each("permute transpose t swapaxes numpy_T", shapes._permute),
     "unsqueeze": shapes._unsqueeze, "squeeze": shapes._squeeze,
     **_each("expand expand_as broadcast_to", shapes._expand),
-    "repeat": shapes._repeat, "slice": shapes._slice, "select": shapes._select,
+    "repeat": shapes._repeat, "slice": shapes._slice, "select": shapes._select, "unbind": shapes._unbind,
     **_each("split split_with_sizes chunk tensor_split", shapes._split), **_each("cat concat", shapes._cat),
     "stack": shapes._stack,
     **_each("arange zeros ones full empty scalar_tensor rand randn randint eye linspace new_zeros new_ones new_full "

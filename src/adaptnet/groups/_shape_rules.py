@@ -147,6 +147,16 @@ def _select(w: Walk, node: fx.Node) -> Out:
     return [x for d, x in enumerate(lx) if d != dim]
 
 
+def _unbind(w: Walk, node: fx.Node) -> Out:
+    """``q, k, v = qkv.unbind(0)``: each output is one index of ``dim``, which is then fixed."""
+    lx, val = w.lay(args(node)[0]), node.meta.get("val")
+    if lx is None or not isinstance(val, (tuple, list)):
+        return None
+    dim = int(_arg(node, 1, "dim", 0)) % len(lx)
+    w.dims.fix(lx[dim], "indexed by unbind")
+    return [[x for d, x in enumerate(lx) if d != dim] for _ in val]
+
+
 def _split(w: Walk, node: fx.Node) -> Out:
     lx, val = w.lay(args(node)[0]), node.meta.get("val")
     if lx is None or not isinstance(val, (tuple, list)):

@@ -27,7 +27,7 @@ from adaptnet.groups._rules import rule_for
 from adaptnet.groups._walk import Walk, shape_of
 from adaptnet.nn.groups import Layout as SliceLayout
 from adaptnet.nn.groups import Slice, UnitGroup
-from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs
+from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs, HasSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Trace:
     # Multiply-accumulates of the example batch: per product, its output and summed dims' layouts.
     products: list[tuple[tuple[Layout, ...], tuple[Layout, ...]]] = field(default_factory=list)
     batch: int = 1  # the example batch's size (dim 0 of the first input)
+    verified: frozenset[str] = frozenset()  # groups whose edits were checked by tracing again
 
 
 def structure_key(model: nn.Module) -> tuple[Any, ...]:
@@ -209,6 +210,7 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
     dims = walk.dims
     _fix_module_constraints(model, walk, placeholders)
     dims.settle()
+    _fix_inner_factors(dims, [_tree(dims, x) for node in placeholders.values() for x in walk.env[node]])
     parts: dict[int, list[_Part]] = {}
     first_out: dict[int, tuple[int, str]] = {}
     fixed: dict[str, str] = {}
@@ -260,6 +262,36 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
     batch = int(first.shape[0]) if first is not None else 1
     return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes, products,
                  batch)
+
+
+def _fix_inner_factors(dims: Dims, trees: list[Layout]) -> None:
+    """A variable that only ever indexes inside another free variable's units (the head_dim of
+    heads, ``Mul(heads, head_dim)``, in attention written by hand) is not a group: code that
+    views into heads writes it down, and it sets the softmax scale."""
+    def free(v: int) -> bool:
+        return v not in dims.fixed and dims.size(v) > 1
+
+    inner_only: dict[int, bool] = {}
+
+    def visit(x: Layout, under_free: bool) -> None:
+        if isinstance(x, int):
+            if free(x):
+                inner_only[x] = inner_only.get(x, True) and under_free
+            return
+        if isinstance(x, Mul):
+            outer_free = False
+            for part in x.parts:
+                visit(part, under_free or outer_free)
+                outer_free = outer_free or any(free(v) for v in _leaves(part))
+        else:
+            for part in x.parts:
+                visit(part, under_free)
+
+    for tree in trees:
+        visit(tree, False)
+    for v, inner in inner_only.items():
+        if inner:
+            dims.fixed[v] = "indexes inside another group's units (such as an attention head's head_dim)"
 
 
 def _fix_module_constraints(model: nn.Module, walk: Walk, placeholders: dict[str, fx.Node]) -> None:
@@ -414,6 +446,32 @@ def macs(model: nn.Module, grow: Mapping[str, int] | None = None, inputs: tuple[
 
 def _sample_shapes(inputs: Sequence[Any]) -> list[tuple[int, ...]]:
     return [tuple(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def verify_group(model: nn.Module, edited: str) -> str | None:
+    """After the first width edit of group ``edited`` (per structure): trace the model again and
+    compare its groups with those read from the tensors. A size written into the model's code
+    (``view(b, -1, n_heads, d)``: the ``-1`` takes the new heads) runs, but traces differently.
+    Returns what differs, or None. adaptnet's own models (``spec()``) compute their sizes from
+    their tensors and are not traced again.
+    """
+    if isinstance(model, (DeclaresGroups, HasSpec)):
+        return None
+    found = trace(model)
+    if edited in found.verified:
+        return None
+    expected = {name: g.size for name, g in unit_groups(model).items()}
+    try:
+        again = _analyse(model, inputs_for(model))
+        seen = {name: g.size for name, g in _build(model, again).items()}
+    except EditError as err:
+        return f"it no longer traces as it did ({err})"
+    if seen != expected:
+        differ = sorted(set(seen.items()) ^ set(expected.items()))
+        return f"traced again, its unit groups differ from those edited ({differ[:4]})"
+    again.verified = found.verified | {edited}
+    model.__dict__[_CACHE] = again
+    return None
 
 
 def widths(model: nn.Module) -> list[int]:
