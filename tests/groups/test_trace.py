@@ -281,7 +281,7 @@ def test_a_size_written_into_the_code_is_caught_and_undone() -> None:
     an.unit_groups(model, (x,))
     before = _out(model, x)
     for edit in (lambda: an.widen(model, "q", 1, init="zero"), lambda: an.prune(model, "q", keep=3)):
-        with pytest.raises(an.EditError, match="traced again, its unit groups differ.*undone"):
+        with pytest.raises(an.EditError, match=r"traced again, its unit groups differ.*undone"):
             edit()
         assert model.q.out_features == 16 and torch.equal(_out(model, x), before)
 
