@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -448,29 +448,37 @@ def _sample_shapes(inputs: Sequence[Any]) -> list[tuple[int, ...]]:
     return [tuple(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
 
 
-def verify_group(model: nn.Module, edited: str) -> str | None:
-    """After the first width edit of group ``edited`` (per structure): trace the model again and
-    compare its groups with those read from the tensors. A size written into the model's code
-    (``view(b, -1, n_heads, d)``: the ``-1`` takes the new heads) runs, but traces differently.
-    Returns what differs, or None. adaptnet's own models (``spec()``) compute their sizes from
-    their tensors and are not traced again.
-    """
+def _trusted(model: nn.Module) -> bool:
+    """adaptnet's own models and models built only from ``torch.nn``'s modules compute every size
+    from their tensors (``nn.MultiheadAttention``, which does not, is never a group)."""
     if isinstance(model, (DeclaresGroups, HasSpec)):
+        return True
+    return all(type(m).__module__.startswith("torch.nn.") for m in model.modules())
+
+
+def verify_group(model: nn.Module, edited: str) -> str | None:
+    """After the first width edit of group ``edited`` (per structure) of a model with code of its
+    own: trace it again and compare its groups with those read from the tensors. A size written
+    into the code (``view(b, -1, n_heads, d)``: the ``-1`` takes the new heads) runs, but traces
+    differently. Returns what differs, or None. Groups of one unit are left out of the comparison:
+    a trace cannot tell one unit from a broadcast.
+    """
+    if _trusted(model):
         return None
     found = trace(model)
     if edited in found.verified:
         return None
-    expected = {name: g.size for name, g in unit_groups(model).items()}
+    expected = {name: g.size for name, g in unit_groups(model).items() if g.size > 1}
     try:
-        again = _analyse(model, inputs_for(model))
-        seen = {name: g.size for name, g in _build(model, again).items()}
+        again = _build(model, _analyse(model, inputs_for(model)))
     except EditError as err:
         return f"it no longer traces as it did ({err})"
+    seen = {name: g.size for name, g in again.items() if g.size > 1}
     if seen != expected:
         differ = sorted(set(seen.items()) ^ set(expected.items()))
         return f"traced again, its unit groups differ from those edited ({differ[:4]})"
-    again.verified = found.verified | {edited}
-    model.__dict__[_CACHE] = again
+    # The first trace stays: it saw every group at its traced size (none was a single unit).
+    model.__dict__[_CACHE] = replace(found, verified=found.verified | {edited})
     return None
 
 
