@@ -280,10 +280,24 @@ def test_a_size_written_into_the_code_is_caught_and_undone() -> None:
     model, x = gm.FixedHeads(), torch.randn(2, 4, 16)  # 4 tokens: view(b, -1, 4, 4) takes 5 heads as 5 tokens
     an.unit_groups(model, (x,))
     before = _out(model, x)
-    for edit in (lambda: an.widen(model, "q", 1, init="zero"), lambda: an.prune(model, "q", keep=3)):
-        with pytest.raises(an.EditError, match=r"traced again, its unit groups differ.*undone"):
-            edit()
-        assert model.q.out_features == 16 and torch.equal(_out(model, x), before)
+    with pytest.raises(an.EditError, match=r"traced again, its unit groups differ.*no longer offered.*undone"):
+        an.widen(model, "q", 1, init="zero", exact=False)
+    assert model.q.out_features == 16 and torch.equal(_out(model, x), before)
+    assert "q" not in an.unit_groups(model)  # a policy will not pick it again
+    with pytest.raises(an.EditError, match="'q' is not a unit group"):
+        an.prune(model, "q", keep=3)
+
+
+def test_policies_leave_alone_groups_their_init_cannot_grow_exactly() -> None:
+    torch.manual_seed(0)
+    model, x = gm.ResidualStack(), torch.randn(64, 5)
+    y = x[:, :2].sin()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    policy = an.GrowEvery(every=1, by=2, where="round_robin", init="zero")
+    trainer = an.Trainer(model, opt, nn.functional.mse_loss, policies=[policy], batch_size=16, progress=False)
+    trainer.fit((x, y), epochs=3)
+    assert model.stem.out_features == 8  # the stream is mixed by the blocks' LayerNorm: not grown
+    assert model.blocks[0].up.out_features + model.blocks[1].up.out_features == 2 * 16 + 3 * 2
 
 
 def test_deepen_refuses_a_block_that_changes_the_stream_shape() -> None:

@@ -38,23 +38,31 @@ Layer = int | str
 _MEAN_LIKE = frozenset({"layer_norm", "rms_norm", "group_norm", "mean", "var", "std", "var_mean", "std_mean"})
 
 
+def inexact_reason(group: UnitGroup, init: str, by: int) -> str | None:
+    """Why ``init`` cannot keep the function when ``group`` grows by ``by`` units, or None."""
+    if init == "random":
+        return None
+    if group.tied:
+        return f"{', '.join(group.tied)} both computes and reads its units (tied weights)"
+    if not group.mixed:
+        return None
+    mean_like = group.mixed <= _MEAN_LIKE
+    if init in ("net2net", "firefly") and mean_like and by % group.size == 0:
+        return None
+    why = f"its units are combined by {', '.join(sorted(group.mixed))}, whose statistics new units change"
+    if init in ("net2net", "firefly") and mean_like:
+        why += f"; net2net is exact here when by is a multiple of its {group.size} units"
+    return why
+
+
 def _check_exact(group: UnitGroup, init: str, by: int) -> None:
     """Refuse an init that is meant to keep the function where this group makes that impossible."""
-    if init == "random":
-        return
-    hint = ""
-    if group.tied:
-        why = f"{', '.join(group.tied)} both computes and reads its units (tied weights)"
-    elif not group.mixed or (init in ("net2net", "firefly") and group.mixed <= _MEAN_LIKE and by % group.size == 0):
-        return
-    else:
-        why = f"its units are combined by {', '.join(sorted(group.mixed))}, whose statistics new units change"
-        if init in ("net2net", "firefly") and group.mixed <= _MEAN_LIKE:
-            hint = f"; net2net is exact here when by is a multiple of its {group.size} units"
-    raise EditError(
-        f"init={init!r} cannot keep the function of group {group.name!r}: {why}{hint}; pass exact=False "
-        "to widen anyway (Edit.max_output_change reports the change when batch= is given)"
-    )
+    why = inexact_reason(group, init, by)
+    if why is not None:
+        raise EditError(
+            f"init={init!r} cannot keep the function of group {group.name!r}: {why}; pass exact=False "
+            "to widen anyway (Edit.max_output_change reports the change when batch= is given)"
+        )
 
 
 def check_positive(value: Any, name: str) -> int:

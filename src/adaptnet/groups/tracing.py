@@ -73,6 +73,9 @@ class Trace:
     products: list[tuple[tuple[Layout, ...], tuple[Layout, ...]]] = field(default_factory=list)
     batch: int = 1  # the example batch's size (dim 0 of the first input)
     verified: frozenset[str] = frozenset()  # groups whose edits were checked by tracing again
+    # Groups an edit found to be written into the model's code: no longer offered. (Kept on this
+    # object, which the edit's rollback puts back: the finding survives the undone edit.)
+    unusable: set[str] = field(default_factory=set)
 
 
 def structure_key(model: nn.Module) -> tuple[Any, ...]:
@@ -358,7 +361,7 @@ def _concrete(tree: Layout, var: int, sizes: Mapping[int, int]) -> SliceLayout:
 def _build(model: nn.Module, trace: Trace) -> dict[str, UnitGroup]:
     sizes = _current_sizes(model, trace)
     out: dict[str, UnitGroup] = {}
-    for layer, g in enumerate(trace.groups):
+    for layer, g in enumerate(gr for gr in trace.groups if gr.name not in trace.unusable):
         slices = []
         for part in sorted(g.parts, key=lambda p: ("out", "norm", "in").index(p.role)):
             module_name, _, attr = part.param.rpartition(".")
@@ -473,10 +476,12 @@ def verify_group(model: nn.Module, edited: str) -> str | None:
         again = _build(model, _analyse(model, inputs_for(model)))
     except EditError as err:
         return f"it no longer traces as it did ({err})"
-    seen = {name: g.size for name, g in again.items() if g.size > 1}
+    seen = {name: g.size for name, g in again.items() if g.size > 1 and name not in found.unusable}
     if seen != expected:
         differ = sorted(set(seen.items()) ^ set(expected.items()))
-        return f"traced again, its unit groups differ from those edited ({differ[:4]})"
+        found.unusable.add(edited)
+        found.fixed[edited] = "a size written into the model's code (an edit of it traced differently)"
+        return f"traced again, its unit groups differ from those edited ({differ[:4]}); {edited!r} is no longer offered"
     # The first trace stays: it saw every group at its traced size (none was a single unit).
     model.__dict__[_CACHE] = replace(found, verified=found.verified | {edited})
     return None

@@ -13,6 +13,7 @@ from adaptnet.edit import INITS
 from adaptnet.edit._probe import backward_on
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.init import growth_score
+from adaptnet.edit.ops import inexact_reason
 from adaptnet.groups import unit_groups
 from adaptnet.policy._plateau import Budget, Plateau, params_per_unit
 from adaptnet.policy.base import EditRequest, Signals
@@ -49,10 +50,17 @@ class _Grow:
     def _allowed(self, signals: Signals) -> dict[int, int]:
         """Units each layer may get within the budget; marks the policy exhausted when none may."""
         probe_x = signals.probe[0] if signals.probe is not None else None
-        groups = unit_groups(signals.model).values()
-        allowed = {g.layer: self.budget.units_allowed(signals.model, g, self.by, probe_x) for g in groups}
+        allowed: dict[int, int] = {}
+        for g in unit_groups(signals.model).values():
+            n = self.budget.units_allowed(signals.model, g, self.by, probe_x)
+            # A group this init cannot grow exactly (units mixed by a LayerNorm, tied weights) is left alone.
+            why = inexact_reason(g, self.init, n) if n > 0 else None
+            if why is not None:
+                logger.debug("%s: %s cannot grow with init=%r: %s", self.name, g.name, self.init, why)
+            allowed[g.layer] = 0 if why is not None else n
         if not any(allowed.values()):
-            logger.info("%s: growth budget reached; no more growth", self.name)
+            logger.info("%s: no layer may grow (budget reached, or none that init=%r keeps exact); no more growth",
+                        self.name, self.init)
             self.exhausted = True
         return allowed
 
