@@ -54,9 +54,21 @@ def backward_on(model: nn.Module, batch: Any, loss_fn: LossFn | None, what: str)
 
 
 @torch.no_grad()
-def outputs_on(model: nn.Module, batch: Any) -> list[torch.Tensor]:
-    """Every output tensor of the model on ``batch``'s inputs, in eval mode (a Hugging Face model
-    returns a ModelOutput: its tensors)."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+def outputs_of(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
+    """Every output tensor of ``model(*inputs)`` in eval mode (a Hugging Face model returns a
+    ModelOutput: its tensors)."""
     with eval_mode(model):
-        return output_tensors(model(x))
+        return output_tensors(model(*inputs))
+
+
+def outputs_on(model: nn.Module, batch: Any) -> list[torch.Tensor]:
+    """``outputs_of`` on a batch's inputs (``batch`` is the inputs, or ``(inputs, targets)``)."""
+    return outputs_of(model, (batch[0] if isinstance(batch, (tuple, list)) else batch,))
+
+
+def max_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
+    """Max-abs change over all outputs, in float64; None when their shapes differ."""
+    if [t.shape for t in before] != [t.shape for t in after]:
+        return None
+    return max((float((b.to(torch.float64) - a.to(torch.float64)).abs().max())
+                for a, b in zip(before, after, strict=True) if a.numel()), default=0.0)

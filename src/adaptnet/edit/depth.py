@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet.edit._probe import max_change, outputs_of
 from adaptnet.errors import EditError
-from adaptnet.groups import inputs_for, output_tensors, trace
+from adaptnet.groups import inputs_for, trace
 
 _DEPTH = "_adaptnet_depth"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -57,24 +58,6 @@ def locate(model: nn.Module, name: Any, what: str) -> tuple[nn.Sequential | nn.M
     if not 0 <= i < len(container):
         raise EditError(f"{what}={name!r}: {container_name} has blocks 0 to {len(container) - 1}")
     return container, i
-
-
-def _outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return output_tensors(model(*inputs))
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after, strict=True)):
-        return float("inf")
-    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(before, after, strict=True)
-                if a.numel()), default=0.0)
 
 
 def _zero(tensors: list[torch.Tensor]) -> None:
@@ -122,7 +105,7 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
     """Insert an identity copy of block ``after`` right after it; returns its name and module."""
     container, i = locate(model, after, "after")
     inputs = inputs_for(model)
-    before = _outputs(model, inputs)
+    before = outputs_of(model, inputs)
     block = copy.deepcopy(container[i])
     if init == "fresh":
         for m in block.modules():
@@ -132,7 +115,7 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
     _renumber(model, container, len(container) - 1)
     try:
         try:
-            _outputs(model, inputs)
+            outputs_of(model, inputs)
         except Exception as err:
             raise EditError(
                 f"block {after!r} is not residual: the model does not run with a copy of it after it "
@@ -155,15 +138,16 @@ def _make_identity(model: nn.Module, after: str, block: nn.Module, i: int, input
         if not tensors:
             continue
         _zero(tensors)
-        if _change(before, _outputs(model, inputs)) == 0.0:
+        if max_change(before, outputs_of(model, inputs)) == 0.0:
             return name, block
         with torch.no_grad():  # undo this attempt before the next
             for p in block.parameters():
                 p.copy_(saved[id(p)])
-    change = _change(before, _outputs(model, inputs))
+    change = max_change(before, outputs_of(model, inputs))
+    by = f"{change:.3g}" if change is not None else "its shape"
     raise EditError(
         f"block {after!r} is not residual: a copy of it with its output projections (or its last norm's "
-        f"scale and shift) at zero still changes the output (by {change:.3g}). deepen inserts blocks into a "
+        f"scale and shift) at zero still changes the output (by {by}). deepen inserts blocks into a "
         "stack of residual blocks x + f(x) (pre-norm transformer blocks, ResNet blocks without a downsampling "
         "shortcut); a post-norm block, norm(x + f(x)), has no exact insertion"
     )

@@ -20,14 +20,14 @@ from adaptnet.edit import depth as _depth
 from adaptnet.edit import importance as _importance
 from adaptnet.edit import init as _init
 from adaptnet.edit._apply import apply_index_map
-from adaptnet.edit._probe import LossFn, eval_mode, outputs_on, split_batch
+from adaptnet.edit._probe import LossFn, max_change, outputs_of, outputs_on, split_batch
 from adaptnet.edit._transaction import transaction
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.optim import check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, inputs_for, output_tensors, trace, verify_group, widths
+from adaptnet.groups import find_group, inputs_for, trace, verify_group, widths
 from adaptnet.nn.groups import UnitGroup
 from adaptnet.nn.protocols import InsertsBlocks
 
@@ -94,8 +94,7 @@ def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Te
     failure = None
     try:
         if inputs is not None:
-            with torch.no_grad(), eval_mode(model):
-                shapes = [tuple(t.shape) for t in output_tensors(model(*inputs))]
+            shapes = [tuple(t.shape) for t in outputs_of(model, inputs)]
             if shapes != trace(model).output_shapes:
                 failure = f"its outputs are {shapes}, not {trace(model).output_shapes}"
         outputs = outputs_on(model, batch) if batch is not None else None
@@ -110,14 +109,6 @@ def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Te
             "(view(b, -1, ...), chunk(2), view(b, t, -1, d))"
         )
     return outputs
-
-
-def _change(before: list[torch.Tensor] | None, after: list[torch.Tensor] | None) -> float | None:
-    """Max-abs change of the outputs (all of them: a model may return several), or None."""
-    if before is None or after is None or [t.shape for t in before] != [t.shape for t in after]:
-        return None
-    return max((float((b.to(torch.float64) - a.to(torch.float64)).abs().max())
-                for a, b in zip(before, after, strict=True) if a.numel()), default=0.0)
 
 
 def run_edit(
@@ -135,7 +126,7 @@ def run_edit(
     with transaction(model, optimizer):
         added, removed = body()
         after = _check_after_edit(model, batch, record["group"] if record.get("op") in ("widen", "prune") else "")
-    change = _change(before, after)
+    change = max_change(before, after) if before is not None and after is not None else None
     return Edit(
         units_added=added,
         units_removed=removed,
