@@ -312,8 +312,9 @@ def test_deepen_refuses_a_block_that_changes_the_stream_shape() -> None:
 
 
 def test_bad_input_gets_one_clear_error() -> None:
-    model = gm.DataDependent()
-    with pytest.raises(an.EditError, match=r"could not trace DataDependent.*control flow"):
+    model = nn.Sequential(nn.Linear(4, 4), gm.DataDependent())
+    where = r"could not trace Sequential \(in module '1', DataDependent\).*control flow"
+    with pytest.raises(an.EditError, match=where):
         an.unit_groups(model, (torch.randn(2, 4),))
     seed, _ = _build("seed")
     with pytest.raises(an.EditError, match=r"'fc2' is not a unit group of Seed; nearest: fc1"):

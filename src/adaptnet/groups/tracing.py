@@ -125,16 +125,29 @@ def _graph_of(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Gra
         return graph, names
     except Exception as err:
         raise EditError(
-            f"adaptnet could not trace {type(model).__name__} with the example inputs to find its unit groups: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Pass example_inputs= that "
-            "run the model's forward as in training, and avoid Python control flow that depends on tensor "
-            "values (or hand-declare the groups with a unit_groups() method)"
+            f"adaptnet could not trace {type(model).__name__}{_where(model, err)} with the example inputs to find "
+            f"its unit groups: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Pass "
+            "example_inputs= that run the model's forward as in training, and avoid Python control flow that "
+            "depends on tensor values (or hand-declare the groups with a unit_groups() method)"
         ) from err
     finally:
         if use_cache:
             config.use_cache = use_cache  # type: ignore[union-attr]
         for m, mode in modes:
             m.training = mode
+
+
+def _where(model: nn.Module, err: BaseException) -> str:
+    """`` (in module 'blocks.1', Block)``: the innermost module of ``model`` whose code raised."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names and names[id(owner)]:
+            found = f" (in module {names[id(owner)]!r}, {type(owner).__name__})"
+        tb = tb.tb_next
+    return found or ""
 
 
 def _walk(graph: fx.Graph, names: list[str]) -> tuple[Walk, dict[str, fx.Node]]:
