@@ -6,7 +6,7 @@ FUZZ_SECONDS ?= 180
 FUZZ_SEED ?= 0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-distributed fuzz-configs lint venv bench clean
+.PHONY: demo test test-distributed fuzz fuzz-edits fuzz-configs lint venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,22 @@ lint: venv
 # minutes and depend on the machine's ports and load; CI runs the single-process suite.
 test: venv lint
 	$(BIN)/pytest -q -m "not slow and not distributed"
+	$(BIN)/python tests/fuzz/fuzz_edits.py --seconds 60 --seed 0
 
 test-distributed: venv
 	$(BIN)/pytest -q -m distributed
+
+# Both fuzzers, FUZZ_SECONDS split between them (a nightly-style run: make fuzz FUZZ_SECONDS=3600); both
+# run even if the first fails, and the target fails if either did.
+fuzz: venv
+	$(BIN)/python tests/fuzz/fuzz_edits.py --seconds $$(( $(FUZZ_SECONDS) / 2 )) --seed $(FUZZ_SEED); edits=$$?; \
+	$(BIN)/python tests/fuzz/fuzz_configs.py --seconds $$(( $(FUZZ_SECONDS) / 2 )) --seed $(FUZZ_SEED); configs=$$?; \
+	[ $$edits -eq 0 ] && [ $$configs -eq 0 ]
+
+# Random models, optimizers, training and edits of every kind (and invalid requests) for FUZZ_SECONDS, each
+# action checked (`make test` runs it for 60 s). A failure prints the seed, case and actions that reproduce it.
+fuzz-edits: venv
+	$(BIN)/python tests/fuzz/fuzz_edits.py --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
 # Mutated example configs through `adaptnet train` for FUZZ_SECONDS: each must run or be refused in one line
 # (`make test` runs a few of them). A failure prints the seed and the config that reproduces it.

@@ -114,8 +114,13 @@ def refresh_sizes(model: nn.Module | None, touched: list[nn.Module]) -> None:
     if model is None:
         return
     ids = {id(m) for m in touched}
+    # Tensors of the touched modules: a module holding one of them too (a tied LM head) changed as well.
+    tensors = {id(t) for m in touched for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
     for _, module in model.named_modules():
-        if id(module) not in ids and any(id(sub) in ids for sub in module.modules()):
+        if id(module) in ids:
+            continue
+        holds = any(id(t) in tensors for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+        if holds or any(id(sub) in ids for sub in module.modules()):
             _refresh(module)
 
 

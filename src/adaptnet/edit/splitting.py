@@ -40,10 +40,16 @@ def splitting_scores(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Lo
     snapshot = Snapshot(model, None)
     handle = producer.register_forward_hook(keep)
     try:
+        for p in model.parameters():
+            p.grad = None  # backward would add into pending grads; the snapshot puts them back
         with eval_mode(model), torch.enable_grad():
             out = model(x)
             # A sum of per-sample losses: the gradient at row b is sample b's own gradient.
             loss = loss_fn(out, y) * x.shape[0]
+            if not torch.isfinite(loss):
+                value = loss.item()
+                del loss, out  # the error's traceback would keep the graph, pinning the parameters
+                raise EditError(f"init='firefly': the loss on the given batch is not finite ({value})")
             loss.backward()
         grad = captured[0].grad
         positions = unit_positions(computing, group.size).flatten()
