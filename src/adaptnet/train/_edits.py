@@ -10,15 +10,15 @@ the records of edit functions (``Trainer.apply_edit``) after.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from adaptnet.edit import Edit
-from adaptnet.policy import EditRequest, Signals, apply_request
+from adaptnet.policy import EditRequest, Policy, Signals, apply_request
 from adaptnet.train import _rng
 
 if TYPE_CHECKING:
@@ -40,6 +40,32 @@ COMPILE_DDP_EDITS = (
 )
 
 
+def run_policies(policies: Sequence[Policy], signals: Signals, apply_one: Callable[[EditRequest], Edit],
+                 agree: Callable[[str, dict[str, Any]], None] | None = None) -> list[Edit]:
+    """Ask every policy for edits and apply them in order: the one place this is done.
+
+    adaptnet's Trainer and the Lightning and Hugging Face callbacks all come through here; they
+    differ only in ``apply_one`` (how a request is carried out around their own loop: wrappers,
+    logging) and ``agree`` (how the processes of a distributed run check that they decided the
+    same, given a description and the decision; it raises when they did not).
+    """
+    edits: list[Edit] = []
+    for policy in policies:
+        requests = policy.decide(signals)
+        if agree is not None:
+            agree(f"the edits of policy {getattr(policy, 'name', type(policy).__name__)!r} at step {signals.step}",
+                  {"params": signals.num_params, "requests": [r.to_dict() for r in requests]})
+        edits.extend(apply_one(request) for request in requests)
+    return edits
+
+
+def edit_event(edit: Edit, step: int, epoch: int, policy: str, reason: str, loss_before: float | None = None,
+               loss_after: float | None = None) -> dict[str, Any]:
+    """The record of one edit as ``events.jsonl`` holds it (and the integrations log it)."""
+    return {"step": step, "epoch": epoch, **edit.to_dict(), "policy": policy, "reason": reason,
+            "loss_before": loss_before, "loss_after": loss_after}
+
+
 def apply_policies(trainer: Trainer, probe: Probe) -> None:
     """Ask every policy for edits (identical signals on every rank) and apply them in order."""
     if not trainer.policies:
@@ -50,14 +76,9 @@ def apply_policies(trainer: Trainer, probe: Probe) -> None:
     # which a live DDP wrapper's references refuse. Not re-wrapped on an error (a collective; one rank may
     # fail alone): the next fit() re-wraps.
     trainer._unwrap()
-    for policy in trainer.policies:
-        requests = policy.decide(signals)
-        if trainer.dist is not None:
-            trainer.dist.agree(f"the edits of policy {getattr(policy, 'name', type(policy).__name__)!r} "
-                               f"at step {trainer.step}",
-                               {"params": signals.num_params, "requests": [r.to_dict() for r in requests]})
-        for request in requests:
-            apply_policy_request(trainer, request, probe, signals.generator)
+    run_policies(trainer.policies, signals,
+                 lambda request: apply_policy_request(trainer, request, probe, signals.generator),
+                 trainer.dist.agree if trainer.dist is not None else None)
     trainer._wrap()
 
 
@@ -103,8 +124,7 @@ def apply(trainer: Trainer, run: Callable[[], Edit], probe: Probe | None, policy
         trainer.dist.agree(f"the edit {edit.op!r} at step {trainer.step} (apply_edit)", edit.to_dict())
     if rewrap:
         trainer._wrap()
-    event = {"step": trainer.step, "epoch": trainer.epoch, **edit.to_dict(), "policy": policy,
-             "reason": reason, "loss_before": loss_before, "loss_after": probe_loss(trainer, probe)}
+    event = edit_event(edit, trainer.step, trainer.epoch, policy, reason, loss_before, probe_loss(trainer, probe))
     logger.info("edit at step %d: %s layer %d -> widths %s", trainer.step, edit.op, edit.layer,
                 list(edit.widths_after))
     if trainer.run is not None:
