@@ -35,7 +35,6 @@ import math
 import os
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -47,27 +46,13 @@ from torch import nn
 from _teacher_student import RESULTS, machine_info, render, write_json
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.moe import MoE
+from adaptnet.recipes._lm import lm_loss, stdlib_text, windows  # shared with the lm recipe
 
 DEFAULT_OUT = RESULTS / "moe_charlm.json"
 FULL = {"chars": 1_200_000, "steps": 1500, "batch": 32, "context": 64, "dim": 128, "hidden": 256, "layers": 2,
         "heads": 4, "experts": 8, "lr": 3e-3, "warmup": 50, "eval_batches": None, "aux_loss_coef": 1e-2}
 QUICK = {**FULL, "chars": 200_000, "steps": 60, "eval_batches": 4, "warmup": 10}
 CAPACITY_FACTOR = 1.25
-
-
-def stdlib_text(chars: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``chars`` bytes of the stdlib's top-level ``*.py`` files (sorted by name), ``(chars,)`` uint8."""
-    folder = Path(sysconfig.get_paths()["stdlib"])
-    data, used = bytearray(), []
-    for path in sorted(folder.glob("*.py")):
-        if len(data) >= chars:
-            break
-        data += path.read_bytes()
-        used.append(path.name)
-    if len(data) < chars:
-        raise SystemExit(f"the stdlib in {folder} holds only {len(data)} bytes of top-level .py files; "
-                         f"ask for fewer with --chars")
-    return torch.frombuffer(bytearray(data[:chars]), dtype=torch.uint8).long(), used
 
 
 class Block(nn.Module):
@@ -122,17 +107,6 @@ def macs_per_token(cfg: dict[str, Any], moe: bool) -> int:
     attention = 4 * d * d + d * (t + 1)  # qkv and output projections; q.k and weights.v over (t + 1) / 2 keys
     ff = 2 * d * cfg["hidden"] + (d * cfg["experts"] if moe else 0)  # one expert (top-1) + router, or the MLP
     return cfg["layers"] * (attention + ff) + 256 * d
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def windows(text: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-byte targets ``(B, T)`` for windows starting at ``starts`` ``(B,)``."""
-    index = starts[:, None] + torch.arange(context + 1)  # (B, T + 1)
-    chunk = text[index]
-    return chunk[:, :-1], chunk[:, 1:]
 
 
 def routing(model: CharLM) -> list[dict[str, int | list[int]]]:
@@ -234,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     started = time.perf_counter()
-    text, files = stdlib_text(cfg["chars"])
+    try:
+        text, files = stdlib_text(cfg["chars"])
+    except ValueError as err:
+        parser.error(f"{err} (--chars)")
     cut = int(0.9 * text.numel())
     arms = ("dense", "moe") if args.arms == "both" else (args.arms,)
     seeds = range(args.first_seed, args.first_seed + args.seeds)

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 # The recipes that ship with adaptnet, in the order `adaptnet recipe --list` shows them.
-BUILTIN = ("adaptive", "rl", "gan", "sequences")
+BUILTIN = ("adaptive", "rl", "gan", "sequences", "lm")
 SETTINGS, RESULTS = "settings.yaml", "results.json"
 
 
