@@ -32,7 +32,8 @@ Agree = Callable[[str, dict[str, Any]], None]
 
 def plain_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` under a host's wrapper (accelerate's, Lightning's ``.optimizer``)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    # accelerate's AcceleratedOptimizer subclasses Optimizer but keeps the state in the one it wraps.
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper with .optimizer), got {type(optimizer)}")
