@@ -96,7 +96,7 @@ def test_a_width_no_config_can_say_is_named_and_still_loads(tmp_path: Path) -> N
     assert any("MLP widths (n_inner) differ" in r for r in cb.reasons)
     assert any("5 heads of size 4 next to a residual width of 16" in r for r in cb.reasons)
     folder = tmp_path / "run" / "checkpoint-4"
-    with pytest.raises(Exception, match="mismatched_sizes|size mismatch"):
+    with pytest.raises(Exception, match=r"mismatched_sizes|size mismatch"):
         transformers.GPT2LMHeadModel.from_pretrained(folder)
     rebuilt = from_pretrained(transformers.GPT2LMHeadModel, folder)
     ids = Tokens(4).ids
