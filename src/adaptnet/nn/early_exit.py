@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adaptnet.nn import _exit_rules as rules
+from adaptnet.nn import _traced
 from adaptnet.nn.activations import ACTIVATIONS, make_activation
 from adaptnet.nn.flops import count_macs
 from adaptnet.nn.losses import LossFn
@@ -140,6 +141,9 @@ class EarlyExit(nn.Module):
             self._exit_logits = logits
             return logits[-1]
         self._exit_logits = None
+        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+            self._last = None
+            return _traced.early_exit(list(self.blocks), list(self.heads), self._criterion, self._threshold, x)
         return self._infer(x)
 
     def exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet.nn import _traced
 from adaptnet.nn.losses import per_sample_loss
 from adaptnet.nn.registry import register_model
 from adaptnet.nn.serialize import module_from_spec, module_spec
@@ -151,6 +152,9 @@ class PonderNet(_Halting):
     def forward(self, x: torch.Tensor, h: State = None, **kwargs: Any) -> torch.Tensor:
         if self.training:
             return self._unrolled(x, h, kwargs)
+        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+            self._stash, self.last_steps, self.final_state = None, None, None
+            return _traced.ponder(self.step, self.max_steps, self.mode == "sampled", x, h, kwargs)
         return self._halted(x, h, kwargs)
 
     def _unrolled(self, x: torch.Tensor, h: State, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -255,6 +259,9 @@ class ACT(_Halting):
         self._ponder: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, h: State = None, **kwargs: Any) -> torch.Tensor:
+        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+            self._ponder, self.last_steps, self.final_state = None, None, None
+            return _traced.act(self.step, self.max_steps, self.eps, x, h, kwargs)
         batch = x.shape[0]
         rows = torch.arange(batch, device=x.device)  # original indices of the active rows
         total = x.new_zeros(batch)  # sum of halting probabilities so far, (B,) of the active rows

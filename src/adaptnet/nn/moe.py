@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptnet.nn import _traced
 from adaptnet.nn.activations import ACTIVATIONS, make_activation
 from adaptnet.nn.groups import Slice, UnitGroup
 from adaptnet.nn.registry import register_model
@@ -186,6 +187,11 @@ class MoE(nn.Module):
             gates = probs.gather(1, top_idx)  # (N, 1): Switch gate, the chosen expert's probability
         else:
             gates = top_logits.softmax(dim=-1)  # (N, k): renormalised over the chosen experts only
+
+        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+            self._last, self._aux = None, None
+            experts = (self.w1, self.b1, self.w2, self.b2)
+            return _traced.moe(tokens, top_idx, gates, self.capacity(n), experts, self.act).reshape(x.shape)
 
         # Assignments a = slot * N + token (slot-major: first choices are served first).
         expert_of = top_idx.t().reshape(-1)  # (k N,)
