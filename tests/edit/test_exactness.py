@@ -326,14 +326,32 @@ def test_inexact_edits_do_change_the_function() -> None:
         assert _max_abs(after, before) > 1e-4
         assert record.max_output_change == pytest.approx(_max_abs(after, before))
     layernorm = _fixed_case("mlp", "layer", torch.float64)
-    for init in ("zero", "gradmax", "net2net"):  # documented: inexact under LayerNorm
+    for init in ("zero", "gradmax", "net2net"):  # documented: inexact under LayerNorm (zero: without the carry)
         before = _outputs(layernorm.model, layernorm.x).eval
         an.widen(layernorm.model, 0, 1, init=init, batch=(layernorm.x, layernorm.y), loss_fn=layernorm.loss_fn,
                  exact=False)
         assert _max_abs(_outputs(layernorm.model, layernorm.x).eval, before) > 1e-6
 
 
-@pytest.mark.parametrize("init", ["zero", "gradmax", "net2net", "firefly"])
+def test_zero_carries_the_mean_through_layernorm_for_any_amount_and_its_units_learn() -> None:
+    case = _fixed_case("mlp", "layer", torch.float64)
+    opt = torch.optim.Adam(case.model.parameters(), lr=1e-2)
+    train_steps(case.model, opt, case.x, case.y, case.loss_fn, steps=2)
+    before = _outputs(case.model, case.x)
+    for by in (1, 5):
+        an.widen(case.model, 0, by, init="zero", optimizer=opt)
+    after = _outputs(case.model, case.x)
+    assert _max_abs(after.eval, before.eval) <= TOL[torch.float64]
+    writer = case.model.blocks[0].op.weight
+    new_rows = writer.detach()[6:].clone()
+    assert torch.allclose(new_rows, writer.detach()[:6].mean(0).expand_as(new_rows))  # each row: the mean
+    train_steps(case.model, opt, case.x, case.y, case.loss_fn, steps=2)
+    moved = writer.detach()[6:] - new_rows
+    assert moved.abs().min(dim=1).values.gt(0).all()  # every new unit receives gradient...
+    assert not torch.allclose(moved[0], moved[1])  # ...and they learn different things
+
+
+@pytest.mark.parametrize("init", ["gradmax", "net2net", "firefly"])
 def test_an_exact_init_that_layernorm_makes_inexact_is_refused(init: str) -> None:
     case = _fixed_case("mlp", "layer", torch.float64)
     before = _outputs(case.model, case.x).eval

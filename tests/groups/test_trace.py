@@ -169,25 +169,37 @@ def test_norms_mix_their_units_and_refuse_inexact_inits() -> None:
     groups = an.unit_groups(model, (x,))
     assert (groups["a"].mixed == {"layer_norm"} and "rms_norm" in groups["b"].mixed) or "mean" in groups["b"].mixed
     assert groups["c"].mixed == {"group_norm"}
-    for name in ("a", "b", "c"):
-        with pytest.raises(an.EditError, match="exact=False"):
-            an.widen(model, name, 1, init="zero")
+    with pytest.raises(an.EditError, match="exact=False"):
+        an.widen(model, "c", 1, init="zero")
+    with pytest.raises(an.EditError, match="exact=False"):
+        an.widen(model, "a", 3, init="net2net")  # copies change the LayerNorm's mean and variance
     before = _out(model, x)
     an.widen(model, "a", groups["a"].size, init="net2net")  # every unit copied once: LayerNorm stays exact
     assert _relative(_out(model, x), before) <= 1e-8
+    # zero carries the mean (LayerNorm) or zeros (RMSNorm) into new units, eps and scale corrected
+    eps = model.ln.eps
+    an.widen(model, "a", 3, init="zero")
+    an.widen(model, "b", 5, init="zero")
+    assert _relative(_out(model, x), before) <= 1e-8
+    assert model.ln.eps == pytest.approx(eps * 16 / 19) and model.rms.eps == pytest.approx(
+        torch.finfo(F64).eps * 8 / 13)
     an.widen(model, "c", 1, init="zero", exact=False)  # one unit per GroupNorm group
     assert model.gn.num_channels == 6 and model.c.out_channels == 6
 
 
-def test_tied_weights_are_one_slice_and_refuse_exact_inits() -> None:
+def test_tied_weights_are_one_slice_carried_by_zero_and_refuse_copies() -> None:
     torch.manual_seed(0)
-    model = gm.Tied()
-    groups = an.unit_groups(model, (torch.randint(0, 12, (2, 3)),))
+    model = gm.Tied().to(F64)
+    ids = torch.randint(0, 12, (2, 3))
+    groups = an.unit_groups(model, (ids,))
     assert groups["embed"].tied == ("embed.weight",)
     with pytest.raises(an.EditError, match="tied weights"):
-        an.widen(model, "embed", 2, init="zero")
+        an.widen(model, "embed", 2, init="net2net")
+    before = _out(model, ids)
+    an.widen(model, "embed", 2, init="zero")  # new channels are zero in the embedding, so in the head too
+    assert _relative(_out(model, ids), before) <= 1e-12
     an.widen(model, "embed", 2, init="random")
-    assert model.out.weight is model.embed.weight and model.embed.weight.shape == (12, 10)
+    assert model.out.weight is model.embed.weight and model.embed.weight.shape == (12, 12)
 
 
 @pytest.mark.parametrize(("name", "after"), [("resnet", "layers.0"), ("stack", "blocks.1")])
@@ -288,16 +300,20 @@ def test_a_size_written_into_the_code_is_caught_and_undone() -> None:
         an.prune(model, "q", keep=3)
 
 
-def test_policies_leave_alone_groups_their_init_cannot_grow_exactly() -> None:
+@pytest.mark.parametrize("init", ["net2net", "zero"])
+def test_policies_leave_alone_groups_their_init_cannot_grow_exactly(init: str) -> None:
     torch.manual_seed(0)
     model, x = gm.ResidualStack(), torch.randn(64, 5)
     y = x[:, :2].sin()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    policy = an.GrowEvery(every=1, by=2, where="round_robin", init="zero")
+    policy = an.GrowEvery(every=1, by=2, where="round_robin", init=init)
     trainer = an.Trainer(model, opt, nn.functional.mse_loss, policies=[policy], batch_size=16, progress=False)
     trainer.fit((x, y), epochs=3)
-    assert model.stem.out_features == 8  # the stream is mixed by the blocks' LayerNorm: not grown
-    assert model.blocks[0].up.out_features + model.blocks[1].up.out_features == 2 * 16 + 3 * 2
+    ups = model.blocks[0].up.out_features + model.blocks[1].up.out_features
+    if init == "net2net":  # copies of 2 of the stream's 8 channels change its LayerNorms: not grown
+        assert model.stem.out_features == 8 and ups == 2 * 16 + 3 * 2
+    else:  # zero carries the stream's mean into new channels: the stream grows too
+        assert model.stem.out_features == 10 and ups == 2 * 16 + 2 * 2
 
 
 def test_deepen_refuses_a_block_that_changes_the_stream_shape() -> None:

@@ -93,12 +93,41 @@ def test_a_new_key_value_head_brings_its_query_heads() -> None:
     assert attn.k_proj.out_features == 3 * 4 and attn.q_proj.out_features == 6 * 4 and attn.o_proj.in_features == 24
 
 
-def test_the_residual_stream_is_one_group_mixed_by_its_norms() -> None:
-    model, _ = _build("gpt2")
-    stream = an.unit_groups(model)["transformer.wte"]
-    assert stream.mixed == {"layer_norm"} and stream.tied == ("transformer.wte.weight",)
-    with pytest.raises(an.EditError, match="tied weights"):
-        an.widen(model, "transformer.wte", 4, init="zero")
+STREAMS = {"gpt2": "transformer.wte", "llama": "model.embed_tokens", "bert": "bert.embeddings.word_embeddings"}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_residual_stream_widens_exactly_by_any_amount_with_adamw_carried(name: str) -> None:
+    model, ids = _build(name)
+    stream = an.unit_groups(model)[STREAMS[name]]
+    assert stream.mixed == ({"mean_square"} if name == "llama" else {"layer_norm"})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    model(ids).logits.pow(2).mean().backward()
+    opt.step()
+    before = _logits(model, ids)
+    if name == "bert":  # post-norm: the LayerNorm's output is the stream; refused, nothing changed
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(an.EditError, match="post-norm"):
+            an.widen(model, STREAMS[name], 3, init="zero", optimizer=opt)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert all(s["exp_avg"].shape == p.shape for p, s in opt.state.items())
+        return
+    for by in (1, 7, 16):
+        an.widen(model, STREAMS[name], by, init="zero", optimizer=opt)
+    # Llama's RMSNorm computes in float32 even in a float64 model: exact to float32 rounding there.
+    assert _relative(_logits(model, ids), before) <= (1e-6 if name == "llama" else 1e-12)
+    assert an.unit_groups(model)[STREAMS[name]].size == 16 + 24
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].shape == p.shape
+    if name == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight  # tied weights stay tied
+        assert model.transformer.ln_f.eps == pytest.approx(1e-5 * 16 / 40)
+    model.train()
+    loss = model(ids).logits.pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

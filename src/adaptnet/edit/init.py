@@ -14,6 +14,15 @@ plus the values of the fresh units.
   since every activation maps 0 to 0; the matrix is measured by autograd with one probe unit
   per outgoing coordinate, so it holds for any consumer (Linear, Conv, residual partners).
 * ``random``: random incoming and outgoing weights; the non-preserving baseline.
+
+``zero`` on a residual stream (a group whose units a LayerNorm or an RMSNorm mixes, or that a
+tied embedding both writes and reads) *carries* the stream instead (``carry``): every writer's
+new rows are the mean of its old rows (LayerNorm: the new channels hold each token's mean, so
+the mean is unchanged and the variance scales by ``d/d'``) or zero (RMSNorm: the mean square
+scales by ``d/d'``); each norm's ``eps`` becomes ``eps * d/d'`` and its scale is multiplied by
+``sqrt(d/d')``, so every normalised old channel is what it was, and the new ones are 0. The
+readers of normalised values get random new columns (they read zeros), other readers zero
+columns. Exact for any ``by`` on pre-norm transformers; the edit checks it on the example inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptnet._tensor import set_parameter
 from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import LossFn, backward_on
 from adaptnet.edit._transaction import Snapshot
@@ -106,6 +116,61 @@ def zero(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
 
 def random(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
     return IndexMap.append(group.size, torch.full((by,), -1)), _random_fresh(group, by, ("out", "in"), generator)
+
+
+# How a stream carries new channels, by the ops that mix its units (see the module docstring).
+_CARRY_MEAN = frozenset({"layer_norm", "mean"})
+_CARRY_ZERO = frozenset({"rms_norm", "mean_square"})
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon")
+
+
+def carry_kind(group: UnitGroup) -> str | None:
+    """``"mean"`` or ``"zero"``: what new channels of a norm-mixed or tied group carry; None for
+    a plain group (``zero`` keeps its usual meaning) or one no carry keeps exact."""
+    if not group.mixed and not group.tied:
+        return None
+    if group.mixed and group.mixed <= _CARRY_MEAN:
+        return "mean"
+    if group.mixed <= _CARRY_ZERO:
+        return "zero"
+    return None
+
+
+def carry(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
+    n, kind = group.size, carry_kind(group)
+    fresh: dict[int, torch.Tensor] = {}
+    for k, sl in enumerate(group.slices):
+        writer = sl.role == "out" or (sl.role == "norm" and sl.fill == 0.0)  # rows, biases, added tables
+        if writer and kind == "mean":
+            mean = _columns(sl, sl.tensor.detach(), n).to(torch.float64).mean(0, keepdim=True)
+            fresh[k] = _from_columns(sl, mean.expand(by, -1), n).to(sl.tensor.dtype)
+        elif writer:
+            fresh[k] = torch.zeros(_fresh_shape(sl, by, n), dtype=sl.tensor.dtype, device=sl.tensor.device)
+        elif sl.role == "in" and (kind == "zero" or sl.after_norm):
+            fan_in = _fan_in(sl, n, by)
+            fresh[k] = uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(fan_in), sl.tensor, generator)
+    return IndexMap.append(n, torch.full((by,), -1)), fresh
+
+
+def rescale_norms(group: UnitGroup, old: int, new: int) -> None:
+    """After a carry: each norm of the stream gets ``eps * old/new`` and its scale ``* sqrt(old/new)``."""
+    ratio = old / new
+    for sl in group.slices:
+        module = sl.module
+        names = [a for a in _EPS_NAMES if hasattr(module, a)]
+        if sl.role != "norm" or sl.name != "weight" or not names:
+            continue
+        eps = getattr(module, names[0])
+        if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
+            eps = torch.finfo(sl.tensor.dtype).eps
+        setattr(module, names[0], float(eps) * ratio)
+        weight = sl.tensor
+        if isinstance(weight, nn.Parameter):
+            grad = weight.grad
+            set_parameter(weight, weight.detach() * math.sqrt(ratio))
+            weight.grad = grad
+        else:
+            module._buffers[sl.name] = weight * math.sqrt(ratio)
 
 
 def _columns(sl: Slice, t: torch.Tensor, units: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _linear(w: Walk, node: fx.Node) -> Out:
     result = [*lx[:-1], lw[0]]
     w.unify(lx[-1], lw[1], node)
     w.use(weight, 0, "out")
-    w.use(weight, 1, "in")
+    w.use(weight, 1, "in", reads=x)
     lb = w.lay(bias)
     if lb is not None:
         w.unify(lb[0], lw[0], node)
@@ -82,9 +82,9 @@ def _matmul(w: Walk, node: fx.Node, a: Any, b: Any) -> Out:
     if la is None or lb is None or out is None or len(la) < 2 or len(lb) < 2:
         return None
     w.unify(la[-1], lb[-2], node)
-    w.use(a, -1, "in")
+    w.use(a, -1, "in", reads=b)
     w.use(a, -2, "out")
-    w.use(b, -2, "in")
+    w.use(b, -2, "in", reads=a)
     w.use(b, -1, "out")
     batch = _broadcast_layouts(w, node, [la[:-2], lb[:-2]], out[:-2])
     result = [*batch, la[-2], lb[-1]]
@@ -161,8 +161,8 @@ def _conv(w: Walk, node: fx.Node) -> Out:
         else:
             w.unify(w_out, c_out, node)
             w.unify(w_in, per_in, node)
-    w.use(weight, 0, "in" if transposed else "out")
-    w.use(weight, 1, "out" if transposed else "in")
+    w.use(weight, 0, "in" if transposed else "out", reads=x)
+    w.use(weight, 1, "out" if transposed else "in", reads=x)
     lb = w.lay(bias)
     if lb is not None:
         w.unify(lb[0], c_out, node)
@@ -203,8 +203,10 @@ def _layer_norm(kind: str) -> Rule:
             for d in range(k):
                 w.unify(lp[d], lx[len(lx) - k + d], node)
                 w.use(p, d, "norm")
+        # A norm without a scale cannot be corrected when the stream widens (edit/init.py: carry).
+        scaled = len(args(node)) > 2 and w.lay(args(node)[2]) is not None
         for d in range(len(lx) - k, len(lx)):
-            w.dims.mix(lx[d], kind)
+            w.dims.mix(lx[d], kind if scaled else f"{kind} without a scale")
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):  # native_layer_norm: (out, mean, rstd)
             return [list(lx)] + [list(lx[: len(lx) - k]) + w.fresh([1] * k, "statistics") for _ in val[1:]]
@@ -258,11 +260,20 @@ def _reduce(w: Walk, node: fx.Node) -> Out:
         return None
     keepdim = first.dim() == len(lx)
     for d in reduced:
-        w.dims.mix(lx[d], _name(node))
+        w.dims.mix(lx[d], "mean_square" if _name(node) == "mean" and _is_square(args(node)[0]) else _name(node))
     out = [w.dims.new(1, "reduced") if d in reduced else x for d, x in enumerate(lx) if keepdim or d not in reduced]
     if isinstance(val, (tuple, list)):
         return [list(out) for _ in val]
     return out
+
+
+def _is_square(node: Any) -> bool:
+    """``x.pow(2)``, ``x * x``, ``x.square()``: the mean of it is an RMSNorm's statistic."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    a = args(node)
+    return (_name(node) == "pow" and len(a) > 1 and a[1] == 2) or _name(node) == "square" or (
+        _name(node) == "mul" and len(a) > 1 and a[0] is a[1])
 
 
 def _along(w: Walk, node: fx.Node) -> Out:

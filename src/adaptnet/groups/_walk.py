@@ -30,6 +30,9 @@ class Walk:
         # parameter's dim. Lets a rule see that ``linear``'s weight is a parameter.
         self.origin: dict[fx.Node, tuple[str, list[int | None]]] = {}
         self.uses: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (param, dim) -> [(role, node index)]
+        # For "in" uses: the value each read multiplies (a residual stream's readers that read a
+        # LayerNorm's output see zeros in channels that carry the stream's mean: see edit/init.py).
+        self.reads: dict[tuple[str, int], list[fx.Node]] = {}
         # Every product (linear, matmul, conv, attention): its output dims and the dims it sums
         # over; multiply-accumulates are the product of their sizes, for any group sizes.
         self.products: list[tuple[list[Layout], list[Layout]]] = []
@@ -46,12 +49,16 @@ class Walk:
     def unify(self, a: Layout, b: Layout, node: fx.Node) -> None:
         self.dims.unify(a, b, f"op {_name(node)}")
 
-    def use(self, arg: Any, dim: int, role: str) -> None:
+    def use(self, arg: Any, dim: int, role: str, reads: Any = None) -> None:
+        """Record that parameter ``arg``'s ``dim`` is used as ``role``; an ``in`` use that
+        multiplies the value ``reads`` (a linear's input) records that too."""
         if isinstance(arg, fx.Node) and arg in self.origin:
             name, dims = self.origin[arg]
             pdim = dims[dim % len(dims)]
             if pdim is not None:
                 self.uses.setdefault((name, pdim), []).append((role, self.position))
+                if role == "in" and isinstance(reads, fx.Node):
+                    self.reads.setdefault((name, pdim), []).append(reads)
 
     def use_all(self, arg: Any, role: str) -> None:
         layout = self.lay(arg)

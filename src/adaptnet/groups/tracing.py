@@ -24,7 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from adaptnet.errors import EditError
 from adaptnet.groups._dims import Cat, Dims, Layout, Mul
 from adaptnet.groups._rules import rule_for
-from adaptnet.groups._walk import Walk, shape_of
+from adaptnet.groups._walk import Walk, _name, shape_of
 from adaptnet.nn.groups import Layout as SliceLayout
 from adaptnet.nn.groups import Slice, UnitGroup
 from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs, HasSpec
@@ -43,6 +43,7 @@ class _Part:
     tree: Layout
     role: str
     fill: float | None
+    after_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
                 if leaves.count(v) > 1 and not isinstance(tree, Cat):
                     dims.fixed[v] = f"units appear twice in {name}[{d}]"
                     continue
-                parts.setdefault(v, []).append(_Part(name, d, tree, role, fill))
+                after_norm = role == "in" and _reads_normalised(walk.reads.get((name, d), []))
+                parts.setdefault(v, []).append(_Part(name, d, tree, role, fill, after_norm))
                 if role == "out":
                     position = min((p for r, p in uses if r == "out"), default=1 << 30)
                     if v not in first_out or position < first_out[v][0]:
@@ -278,6 +280,30 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
     batch = int(first.shape[0]) if first is not None else 1
     return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes, products,
                  batch)
+
+
+# Ops that keep a zero a zero and pass a value on unmixed: views, dropout, casts, scaling, and the
+# activations with f(0) = 0 (new channels reach a reader through relu(norm(x)) as zeros, too).
+_PASS_ZERO = frozenset({"view", "reshape", "_unsafe_view", "clone", "contiguous", "dropout", "native_dropout",
+                        "getitem", "alias", "detach", "_to_copy", "to", "type_as", "transpose", "permute", "t",
+                        "expand", "unsqueeze", "squeeze", "flatten", "mul", "relu", "gelu", "silu", "tanh",
+                        "leaky_relu", "elu", "selu", "hardtanh", "relu6", "hardswish", "mish"})
+
+
+def _reads_normalised(reads: list[fx.Node]) -> bool:
+    """Whether every value in ``reads`` is a norm's output, up to ops that keep zeros (``_PASS_ZERO``)."""
+    def normalised(node: Any) -> bool:
+        while isinstance(node, fx.Node) and node.op == "call_function":
+            name = _name(node)
+            if name in ("layer_norm", "native_layer_norm", "rms_norm"):
+                return True
+            if name == "mul":
+                return any(normalised(a) for a in node.args)
+            if name not in _PASS_ZERO or not node.args:
+                return False
+            node = node.args[0]
+        return False
+    return bool(reads) and all(normalised(r) for r in reads)
 
 
 def _fix_inner_factors(dims: Dims, trees: list[Layout]) -> None:
@@ -380,7 +406,7 @@ def _build(model: nn.Module, trace: Trace) -> dict[str, UnitGroup]:
             module_name, _, attr = part.param.rpartition(".")
             layout = None if part.tree == g.var else _concrete(part.tree, g.var, sizes)
             slices.append(Slice(model.get_submodule(module_name), attr, part.dim, part.role,  # type: ignore[arg-type]
-                                layout, part.fill))
+                                layout, part.fill, part.after_norm))
         out[g.name] = UnitGroup(g.name, layer, tuple(slices), sizes[g.var], g.mixed, g.tied)
     return out
 

@@ -38,6 +38,8 @@ class Slice:
             or None when index ``i`` is unit ``i``.
         fill: the value of a fresh unit's entries where no initialiser sets them (None: the
             fresh-layer default for the name, such as 1 for a norm's weight).
+        after_norm: an ``"in"`` slice whose every read is of a normalisation's output
+            (LayerNorm, RMSNorm), so that new residual channels reach it as zeros.
     """
 
     module: nn.Module
@@ -46,6 +48,7 @@ class Slice:
     role: Role
     layout: Layout | None = None
     fill: float | None = None
+    after_norm: bool = False
 
     @property
     def tensor(self) -> torch.Tensor:
