@@ -60,8 +60,12 @@ def describe(run: Run, model: nn.Module | None = None) -> str:
             f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.train.epochs} epochs on {run.trainer.device}")
 
 
-def newest_loadable(run_dir: Path, none: str) -> tuple[Path, nn.Module, dict[str, Any], list[tuple[Path, str]]]:
+def newest_loadable(run_dir: Path, none: str, fresh: Callable[[], nn.Module] | None = None
+                    ) -> tuple[Path, nn.Module, dict[str, Any], list[tuple[Path, str]]]:
     """The newest checkpoint of a run that loads and verifies: ``(path, model, state, skipped)``.
+
+    ``fresh`` builds the model a checkpoint of a user's (or a transformers) model loads into
+    (``adaptnet.train.build.fresh_model``); adaptnet's own models need none.
 
     ``skipped`` lists the newer checkpoints refused on the way, each with the one-line reason
     (a damaged file, a missing one). ``CLIError`` when none loads, and ``CLIError(none)`` when the
@@ -73,7 +77,7 @@ def newest_loadable(run_dir: Path, none: str) -> tuple[Path, nn.Module, dict[str
     skipped: list[tuple[Path, str]] = []
     for path in reversed(found):
         try:
-            model, state = load(path)
+            model, state = load(path, model=fresh() if fresh is not None else None)
         except CheckpointError as err:
             skipped.append((path, " ".join(str(err).split())))
             continue

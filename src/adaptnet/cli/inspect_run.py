@@ -9,6 +9,8 @@ skipped is listed with the reason.
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ from adaptnet.cli._common import CLIError, newest_loadable
 from adaptnet.groups import unit_groups
 from adaptnet.nn.protocols import HasSpec
 from adaptnet.train import _integrity
+from adaptnet.train._any_model import TYPE as TRACED
+from adaptnet.train.build import fresh_model
 from adaptnet.train.checkpoint import SPEC_FILE, load
+from adaptnet.train.config import load_config
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG, read_events
 
 HELP = "show the architecture of a checkpoint (or a run's latest) and the run's edit history"
@@ -27,20 +32,42 @@ HELP = "show the architecture of a checkpoint (or a run's latest) and the run's 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("inspect", help=HELP, description=HELP + ".")
     parser.add_argument("path", metavar="PATH", help="a checkpoint folder (with spec.json) or a run directory")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the model.target that the run's config.yaml names (it runs that code)")
     return parser
 
 
-def locate(path: Path) -> tuple[Path, Path | None, nn.Module, dict[str, Any], list[tuple[Path, str]]]:
+def _fresh(run_dir: Path | None, trusted: bool) -> Callable[[], nn.Module] | None:
+    """The run's starting model, for checkpoints of a user's or a transformers model (see fresh_model)."""
+    if run_dir is None or not (run_dir / CONFIG).is_file():
+        return None
+    return fresh_model(load_config(run_dir / CONFIG), str(run_dir / CONFIG), trusted)
+
+
+def _traced(checkpoint: Path) -> bool:
+    try:
+        return json.loads((checkpoint / SPEC_FILE).read_text(encoding="utf-8"))["model"]["type"] == TRACED
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # load() reports what is wrong with the file
+
+
+def locate(path: Path, trusted: bool = False) -> tuple[Path, Path | None, nn.Module, dict[str, Any],
+                                                       list[tuple[Path, str]]]:
     """(checkpoint folder, run directory or None, model, state, newer checkpoints skipped with why)."""
     if not path.exists():
         raise CLIError(f"not found: {path}")
     if (path / SPEC_FILE).is_file() or (path / _integrity.MANIFEST_FILE).is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
-        model, state = load(path)
+        fresh = _fresh(run_dir, trusted) if _traced(path) else None
+        if fresh is None and _traced(path):
+            raise CLIError(f"{path} holds a model of the user's own class; adaptnet rebuilds it only from its run "
+                           f"directory's {CONFIG} (inspect the checkpoint inside its run, or load it in Python with "
+                           "adaptnet.load(path, model=YourClass(...)))")
+        model, state = load(path, model=fresh() if fresh is not None else None)
         return path, run_dir, model, state, []
     if (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir():
         latest, model, state, skipped = newest_loadable(path, f"{path} has no checkpoint yet (nothing in "
-                                                              f"{path / CHECKPOINTS})")
+                                                              f"{path / CHECKPOINTS})", _fresh(path, trusted))
         return latest, path, model, state, skipped
     raise CLIError(f"{path} is neither a checkpoint folder (with {SPEC_FILE}) nor a run directory (with {CONFIG})")
 
@@ -72,7 +99,7 @@ def _event_line(e: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, run_dir, model, state, skipped = locate(Path(args.path))
+    checkpoint, run_dir, model, state, skipped = locate(Path(args.path), args.trust_code)
     integrity = _integrity.verify(checkpoint)
     options = ", ".join(f"{k} {v}" for k, v in getattr(model, "options", {}).items())
     print(f"checkpoint: {checkpoint} (epoch {state.get('epoch', '?')}, step {state.get('step', '?')})")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from adaptnet.cli._common import CLIError, EpochPrinter, describe, fit_and_summarize, newest_loadable
-from adaptnet.train.build import build_run
+from adaptnet.train.build import build_run, fresh_model
 from adaptnet.train.config import load_config
 from adaptnet.train.distributed import is_main_process
 from adaptnet.train.rundir import CONFIG
@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `adaptnet train`")
     parser.add_argument("--epochs", type=int, metavar="N", help="train to N epochs in all (updates config.yaml)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the model.target that RUN_DIR/config.yaml names (it runs that code)")
     return parser
 
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / CONFIG, [f"train.epochs={args.epochs}"] if args.epochs is not None else [])
     # Fails on damaged checkpoints before anything is touched.
     none = f"{run_dir} has no checkpoint to resume from; start it again with `adaptnet train`"
-    latest, model, state, skipped = newest_loadable(run_dir, none)
+    fresh = fresh_model(cfg, str(run_dir / CONFIG), args.trust_code)  # refuses a model.target not trusted
+    latest, model, state, skipped = newest_loadable(run_dir, none, fresh)
     done = int(state.get("epoch", 0))
     if done > cfg.train.epochs:
         raise CLIError(f"{run_dir} has already trained {done} epochs; pass --epochs N with N > {done} to go on")

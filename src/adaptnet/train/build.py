@@ -10,7 +10,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from torch import nn
 
 from adaptnet.nn import AdaptiveCNN, AdaptiveMLP
 from adaptnet.policy import Policy, make_policy
+from adaptnet.train import _user_models
 from adaptnet.train.callbacks import Callback
-from adaptnet.train.config import CNNConfig, Config, ConfigError, OptimConfig
+from adaptnet.train.config import CNNConfig, Config, ConfigError, HFModelConfig, OptimConfig, TargetModelConfig
 from adaptnet.train.data import Splits, TaskInfo, load_data
 from adaptnet.train.distributed import is_main_process, resolve_device
 from adaptnet.train.metrics import METRICS, MetricFn
@@ -55,6 +56,8 @@ def load_splits(cfg: Config) -> Splits:
         ConfigError: ``data.samples`` asks for more generated rows than the machine's memory holds.
     """
     d = cfg.data
+    if d.name == "tokens":
+        return _user_models.tokens(d.samples or 2000, cfg.seed, d.val_fraction, d.test_fraction)
     if d.samples is not None:
         need, available = d.samples * _GENERATED_ROW_BYTES, available_memory(torch.device("cpu"))
         if available is not None and need > available:
@@ -75,13 +78,39 @@ def build_model(cfg: Config, info: TaskInfo) -> nn.Module:
     m = cfg.model
     if isinstance(m, CNNConfig) and (info.image_shape is None or info.num_classes is None):
         raise ConfigError(f"model.type: cnn needs image classification data, got {info.name} ({info.task})")
-    check_model_size(cfg, info)
     torch.manual_seed(cfg.seed)
+    # A user's model and a transformers model are sized by their own code: built, then counted.
+    if isinstance(m, TargetModelConfig):
+        return _user_models.build_target(m)
+    if isinstance(m, HFModelConfig):
+        return _user_models.build_hf(m, info)
+    check_model_size(cfg, info)
     return _construct(cfg, info)
+
+
+def fresh_model(cfg: Config, source: str, trusted: bool) -> Callable[[], nn.Module] | None:
+    """What a checkpoint of this run loads into: for a ``model.target`` or ``model.hf`` run, a function
+    building the model at its starting size (``adaptnet.load(path, model=...)`` then reshapes it); None
+    for adaptnet's own models, which rebuild themselves from the checkpoint.
+
+    Raises:
+        ConfigError: the config (read from ``source``) names code and ``trusted`` is False.
+    """
+    if not isinstance(cfg.model, (TargetModelConfig, HFModelConfig)):
+        return None
+    _user_models.require_trust(cfg.model, source, trusted)
+    info = load_splits(cfg).info
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return build_model(cfg, info)
+
+    return build
 
 
 def _construct(cfg: Config, info: TaskInfo) -> nn.Module:
     m = cfg.model
+    assert not isinstance(m, (TargetModelConfig, HFModelConfig))
     if isinstance(m, CNNConfig):
         assert info.image_shape is not None and info.num_classes is not None
         return AdaptiveCNN(info.image_shape[0], list(m.channels), info.num_classes, kernel_size=m.kernel_size,
@@ -104,6 +133,7 @@ def check_model_size(cfg: Config, info: TaskInfo) -> None:
     ``max_params``) is bounded the same way, so that it does not fail to allocate mid-run.
     """
     m = cfg.model
+    assert not isinstance(m, (TargetModelConfig, HFModelConfig))  # sized by their own code
     key = "model.channels" if isinstance(m, CNNConfig) else "model.hidden"
     if isinstance(m, CNNConfig):
         assert info.image_shape is not None and info.num_classes is not None
@@ -210,8 +240,12 @@ def build_policies(cfg: Config) -> list[Policy]:
     return [make_policy(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in cfg.policies]
 
 
-def loss_and_metrics(info: TaskInfo) -> tuple[LossFn, dict[str, MetricFn]]:
-    """Cross-entropy and accuracy for classification; MSE, MAE and R² for regression."""
+def loss_and_metrics(info: TaskInfo, cfg: Config | None = None) -> tuple[LossFn, dict[str, MetricFn]]:
+    """Cross-entropy and accuracy for classification (per token for a causal LM); MSE, MAE and R² for
+    regression."""
+    if info.name == "tokens" or (cfg is not None and isinstance(cfg.model, HFModelConfig)
+                                 and cfg.model.task == "causal_lm"):
+        return _user_models.causal_lm_loss, {"accuracy": _user_models.token_accuracy}
     if info.task == "classification":
         return nn.CrossEntropyLoss(), {"accuracy": METRICS["accuracy"]}
     return nn.MSELoss(), {"mae": METRICS["mae"], "r2": METRICS["r2"]}
@@ -235,7 +269,7 @@ def build_run(cfg: Config, run_dir: str | Path, *, progress: bool = False,
     data = load_splits(cfg)
     model = build_model(cfg, data.info)
     optimizer = build_optimizer(cfg.optim, model)
-    loss_fn, metrics = loss_and_metrics(data.info)
+    loss_fn, metrics = loss_and_metrics(data.info, cfg)
     extra = list(callbacks)
     if cfg.train.tensorboard and is_main_process():  # only rank 0 writes logs
         from adaptnet.train.tensorboard import TensorBoardCallback

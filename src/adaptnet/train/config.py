@@ -31,6 +31,8 @@ from adaptnet.train.data import DATASETS
 
 IMAGE_DATASETS = ("digits",)
 PosInt = Annotated[int, Field(ge=1)]
+# model.target: ``package.module:callable`` (dotted attributes after the colon); checked without importing.
+TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ConfigError(ValueError):
@@ -45,7 +47,8 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which data, how it is split, and how it is batched."""
 
-    name: Literal["synthetic", "regression", "digits", "wine", "breast_cancer", "diabetes"] | None = None
+    # tokens: generated next-token sequences for model.hf with task causal_lm (adaptnet.train._user_models).
+    name: Literal["synthetic", "regression", "digits", "wine", "breast_cancer", "diabetes", "tokens"] | None = None
     csv: str | None = None
     target: str | None = None
     samples: PosInt | None = None  # rows of the synthetic or regression data set (default 2000)
@@ -70,6 +73,31 @@ class CNNConfig(_Section):
     norm: Literal["batch"] | None = "batch"
     pool: Literal["max", "avg"] | None = "max"
     activation: Literal["relu", "leaky_relu", "gelu", "silu", "tanh"] = "relu"
+
+
+class TargetModelConfig(_Section):
+    """A model of the user's: ``target: "package.module:callable"`` called with ``kwargs``.
+
+    Imported from the installed packages or the working directory. ``adaptnet resume`` and
+    ``inspect`` import it again only with ``--trust-code``.
+    """
+
+    type: Literal["target"]
+    target: Annotated[str, Field(min_length=3)]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class HFModelConfig(_Section):
+    """A transformers model: ``hf`` is a model type (``gpt2``), a config dict with ``model_type``, or a
+    local ``save_pretrained`` folder (weights loaded, nothing downloaded); ``config`` overrides fields."""
+
+    type: Literal["hf"]
+    hf: str | dict[str, Any]
+    task: Literal["causal_lm", "sequence_classification"]
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+ModelConfig = MLPConfig | CNNConfig | TargetModelConfig | HFModelConfig
 
 
 class OptimConfig(_Section):
@@ -122,7 +150,7 @@ class Config(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Model defaults are copied by pydantic for every instance.
     data: DataConfig = DataConfig()
-    model: Annotated[MLPConfig | CNNConfig, Field(discriminator="type")] = MLPConfig()
+    model: Annotated[ModelConfig, Field(discriminator="type")] = MLPConfig()
     optim: OptimConfig = OptimConfig()
     scheduler: Annotated[NoScheduler | StepScheduler | CosineScheduler, Field(discriminator="name")] = NoScheduler()
     train: TrainConfig = TrainConfig()
@@ -131,17 +159,21 @@ class Config(_Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, data: Any) -> Any:
-        """``model`` without ``type`` is an MLP; ``scheduler: cosine`` means ``{name: cosine}``."""
+        """``model`` without ``type`` is an MLP (``target`` or ``hf`` say which other kind); ``scheduler:
+        cosine`` means ``{name: cosine}``."""
         if isinstance(data, Mapping):
             data = dict(data)
             if isinstance(data.get("model"), Mapping) and "type" not in data["model"]:
-                data["model"] = {"type": "mlp", **data["model"]}
+                kind = next((k for k in ("target", "hf") if k in data["model"]), "mlp")
+                data["model"] = {"type": kind, **data["model"]}
             if isinstance(data.get("scheduler"), str) or data.get("scheduler", 0) is None:
                 data["scheduler"] = {"name": data["scheduler"] or "none"}
         return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if isinstance(self.model, TargetModelConfig) and not TARGET.fullmatch(self.model.target):
+            raise _fail("model.target", f"must look like package.module:callable, got {self.model.target!r}")
         _check_data(self.data, self.model)
         _check_optim(self.optim)
         self.policies = [_check_policy(i, p) for i, p in enumerate(self.policies)]
@@ -167,17 +199,18 @@ def _fail(key: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(OWN_ERROR, "{text}", {"text": f"{key}: {message}"})
 
 
-def _check_data(data: DataConfig, model: MLPConfig | CNNConfig) -> None:
+def _check_data(data: DataConfig, model: ModelConfig) -> None:
     if data.name is None and data.csv is None:
-        raise _fail("data.name", f"required unless data.csv is set; must be one of {', '.join(DATASETS)}")
+        raise _fail("data.name", f"required unless data.csv is set; must be one of {', '.join(DATASETS)}, tokens")
     if data.name is not None and data.csv is not None:
         raise _fail("data.csv", f"set either data.name or data.csv, not both (data.name is {data.name})")
     if data.csv is not None and not data.target:
         raise _fail("data.target", "required with data.csv; must be the name of the target column")
     if data.csv is None and data.target is not None:
         raise _fail("data.target", "only valid with data.csv")
-    if data.samples is not None and data.name not in ("synthetic", "regression"):
-        raise _fail("data.samples", "only valid with data.name: synthetic or regression")
+    if data.samples is not None and data.name not in ("synthetic", "regression", "tokens"):
+        raise _fail("data.samples", "only valid with data.name: synthetic, regression or tokens")
+    _check_hf_data(data, model)
     if data.val_fraction + data.test_fraction > 0.9:
         raise _fail("data.test_fraction", "val_fraction + test_fraction must be <= 0.9 (training needs data), "
                     f"got {data.val_fraction} + {data.test_fraction}")
@@ -189,6 +222,20 @@ def _check_data(data: DataConfig, model: MLPConfig | CNNConfig) -> None:
     if model.type == "cnn" and data.name not in IMAGE_DATASETS:
         got = f"data.name: {data.name}" if data.name else "data.csv"
         raise _fail("model.type", f"cnn needs image data (data.name: {', '.join(IMAGE_DATASETS)}), got {got}")
+
+
+def _check_hf_data(data: DataConfig, model: ModelConfig) -> None:
+    """Token models need token ids: generated ``tokens`` (causal LM), or digits' whole-number pixels."""
+    causal = isinstance(model, HFModelConfig) and model.task == "causal_lm"
+    if data.name == "tokens" and not (causal or isinstance(model, TargetModelConfig)):
+        raise _fail("data.name", "tokens is for model.hf with task causal_lm (or a model.target), "
+                    f"got model.type {model.type}")
+    if causal and data.name != "tokens":
+        raise _fail("data.name", f"model.hf with task causal_lm trains on data.name: tokens, got {data.name or 'csv'}")
+    if isinstance(model, HFModelConfig) and model.task == "sequence_classification" and (
+            data.name != "digits" or data.standardize):
+        raise _fail("data.name", "model.hf with task sequence_classification reads token ids: use data.name: digits "
+                    "with data.standardize: false (pixels 0-16 as tokens)")
 
 
 def _check_optim(optim: OptimConfig) -> None:
