@@ -266,3 +266,31 @@ def test_lr_scheduler_keeps_working_after_edits() -> None:
     optimizer.step()
     assert torch.allclose(new.detach(), expected, rtol=0, atol=1e-7)
     assert scheduler.state_dict()["last_epoch"] == 4
+
+
+@pytest.mark.parametrize("new_state", ["copy", "zero", "split"])
+def test_split_units_state_follows_the_chosen_rule(new_state: str) -> None:
+    torch.manual_seed(0)
+    model = an.AdaptiveMLP(4, [3], 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    train_steps(model, opt, x, y, F.mse_loss, steps=3)
+    rows, cols = model.blocks[0].op.weight, model.head.weight
+    old_rows = {k: v.clone() for k, v in opt.state[rows].items()}
+    old_cols = {k: v.clone() for k, v in opt.state[cols].items()}
+    an.widen(model, 0, 3, init="net2net", optimizer=opt, new_state=new_state)  # each unit split in two
+    state_rows, state_cols = opt.state[rows], opt.state[cols]
+    for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+        expected = old_rows[key].repeat(2, 1)
+        if new_state == "zero":
+            expected[3:] = 0
+        if new_state == "split":  # each half now gets half the gradient of its incoming weights
+            expected = expected * 0.5 ** power
+        assert torch.equal(state_rows[key], expected)
+        # outgoing columns: their gradients do not change with a split; copies follow new_state
+        cols_expected = old_cols[key].repeat(1, 2)
+        if new_state == "zero":
+            cols_expected[:, 3:] = 0
+        assert torch.equal(state_cols[key], cols_expected)
+    with pytest.raises(an.EditError, match="new_state must be one of copy, zero, split"):
+        an.widen(model, 0, 1, optimizer=opt, new_state="halve")

@@ -142,7 +142,13 @@ def test_deepen_is_exact_for_pre_norm_blocks_and_refused_for_post_norm(name: str
     before = _logits(model, ids)
     an.deepen(model, after)
     assert torch.equal(_logits(model, ids), before)
-    assert model.config.num_hidden_layers == 3
+    first = after.rpartition(".")[0] + ".0"  # anywhere in the stack: before the first block's copy too
+    an.deepen(model, first, init="fresh")
+    assert torch.equal(_logits(model, ids), before)
+    assert model.config.num_hidden_layers == 4
+    record = an.deepen(model, first, init="copy", batch=ids)  # stacking (G_stack): not exact, reported
+    assert record.max_output_change is not None and record.max_output_change > 0
+    assert model.config.num_hidden_layers == 5
 
 
 def test_save_and_load_a_grown_hf_model_into_a_fresh_instance(tmp_path: Path) -> None:

@@ -144,6 +144,7 @@ def apply_index_map(
     fresh: Mapping[int, torch.Tensor],
     optimizer: torch.optim.Optimizer | None,
     model: nn.Module | None = None,
+    new_state: str = "copy",
 ) -> None:
     """Rewrite every tensor of ``group`` so that its units follow ``imap``.
 
@@ -156,6 +157,7 @@ def apply_index_map(
             ``fill``, the fresh-layer default (norm slices) or zeros.
         optimizer: its per-element state is remapped with the parameters.
         model: the whole model, so that containers that record sizes are refreshed too.
+        new_state: the optimizer state of units copied from others (``adaptnet.edit.optim``).
     """
     touched = []
     units = group.size
@@ -178,7 +180,7 @@ def apply_index_map(
         if isinstance(tensor, nn.Parameter):
             grad = tensor.grad
             if optimizer is not None:
-                migrate_state(optimizer, tensor, sl.dim, flat)
+                migrate_state(optimizer, tensor, sl.dim, flat, new_state, split=sl.role != "in")
             set_parameter(tensor, new)
             tensor.grad = None if grad is None else remap(grad, sl.dim, flat, 0.0)
         else:

@@ -8,6 +8,9 @@ projections: every ``out`` slice of a group that runs through the block), and wh
 follows those writers (a post-activation ResNet block, ``relu(bn(conv(...)) + x)``) by zeroing
 that last norm's scale and shift instead. Each way is checked on the model's example inputs,
 to the bit; a block for which neither gives the identity is not residual, and is refused.
+``init="copy"`` inserts the copy as it is (G_stack-style stacking: the new block repeats its
+neighbour's work, so the function changes; the cheapest way to a deeper model that already
+computes something, not an exact edit).
 
 Every depth edit is recorded on the model (``depth_edits``) so that a checkpoint can rebuild
 the same modules in a freshly built instance before loading weights into it.
@@ -28,7 +31,7 @@ from adaptnet.groups import inputs_for, trace
 _DEPTH = "_adaptnet_depth"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _NORM_NAMES = ("norm", "ln", "bn")  # a user's own norm class (LlamaRMSNorm) is known by its name
-DEPTH_INITS = ("identity", "fresh")
+DEPTH_INITS = ("identity", "fresh", "copy")
 
 
 def depth_edits(model: nn.Module) -> tuple[dict[str, Any], ...]:
@@ -122,6 +125,8 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
                 f"({type(err).__name__}); deepen inserts blocks that keep the stream's shape, x + f(x) (a "
                 "downsampling block changes it)"
             ) from err
+        if init == "copy":
+            return f"{after.rpartition('.')[0]}.{i + 1}".lstrip("."), block
         return _make_identity(model, after, block, i, inputs, before)
     except BaseException:
         del container[i + 1]

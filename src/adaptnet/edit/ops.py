@@ -23,7 +23,7 @@ from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import LossFn, max_change, outputs_of, outputs_on, split_batch
 from adaptnet.edit._transaction import transaction
 from adaptnet.edit.index_map import IndexMap
-from adaptnet.edit.optim import check_optimizer, sync_parameters
+from adaptnet.edit.optim import NEW_STATES, check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
@@ -181,6 +181,7 @@ def widen(
     noise: float = 0.0,
     generator: torch.Generator | None = None,
     exact: bool = True,
+    new_state: str = "copy",
 ) -> Edit:
     """Add ``by`` units to a unit group; they are appended after the existing ones.
 
@@ -196,6 +197,10 @@ def widen(
         generator: the random source for unit choice and fresh weights.
         exact: refuse (``EditError``) an exact init that this group cannot keep exact (units
             mixed by a LayerNorm or a mean, tied weights); False widens anyway.
+        new_state: the optimizer state of units split from others (``net2net``, ``firefly``):
+            ``"copy"`` their source's, ``"zero"`` none (as fresh units), ``"split"`` the source's
+            rescaled to the gradients the split leaves them (first moments by the unit's share,
+            second moments by its square: staged training's rule). Fresh units start at zero.
     """
     group = find_group(model, layer, "layer")
     check_positive(by, "by")
@@ -209,6 +214,8 @@ def widen(
         split_batch(batch, f"init='{init}'")
     if not isinstance(noise, (int, float)) or noise < 0:
         raise EditError(f"noise must be a number >= 0, got {noise!r}")
+    if new_state not in NEW_STATES:
+        raise EditError(f"new_state must be one of {', '.join(NEW_STATES)}; got {new_state!r}")
 
     def body() -> tuple[tuple[int, ...], tuple[int, ...]]:
         n = group.size
@@ -226,7 +233,7 @@ def widen(
             imap, fresh = _init.random(group, by, generator)
         else:
             imap, fresh = _init.gradmax(model, group, by, batch, loss_fn)
-        apply_index_map(group, imap, fresh, optimizer, model)
+        apply_index_map(group, imap, fresh, optimizer, model, new_state)
         return tuple(range(n, n + by)), ()
 
     return run_edit(model, optimizer, batch, body, op="widen", layer=group.layer, group=group.name, init=init)
@@ -334,7 +341,8 @@ def deepen(
     projections at zero (``init="identity"``; ``"fresh"`` re-initialises the copy's other
     weights first), or its last norm's scale at zero where a norm follows the projections
     (``relu(bn(conv(x)) + x)``). Exact to the bit, or refused (``EditError``) for a block that
-    is not residual. See ``adaptnet.edit.depth``.
+    is not residual. ``init="copy"`` inserts the copy unchanged (stacking, as G_stack grows
+    transformers): not exact; ``batch=`` reports the change. See ``adaptnet.edit.depth``.
 
     ``after`` as an index adds a residual block ``x + op2(act(norm(op1(x))))`` with ``op2`` at
     zero to adaptnet's own models; its inner width is ``width`` (default: the stream's width).

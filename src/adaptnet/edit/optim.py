@@ -8,7 +8,10 @@ map as the parameter itself.
 
 Fresh units start with all per-element state at 0, as a parameter that has never been
 stepped (documented in docs/design.md, with the measurement behind the choice). Surviving
-elements are copied bit for bit; non-element state (Adam's ``step``) is kept.
+elements are copied bit for bit; non-element state (Adam's ``step``) is kept. A unit copied
+by a split (``net2net``) gets its source's state (``new_state="copy"``), none
+(``"zero"``), or the source's state rescaled for the gradients it will now receive
+(``"split"``: see ``split_moments``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ _STATE_KEYS: dict[type[torch.optim.Optimizer], frozenset[str]] = {
     torch.optim.RMSprop: frozenset({"square_avg", "momentum_buffer", "grad_avg"}),
     torch.optim.Adagrad: frozenset({"sum"}),
 }
+
+
+# State that averages squared gradients (scales with a gradient's square); the rest scales with it.
+_SQUARED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+NEW_STATES = ("copy", "zero", "split")
+
+
+def split_moments(key: str, value: torch.Tensor, dim: int, share: torch.Tensor) -> torch.Tensor:
+    """A split unit's state for ``share`` (its part of the split, ``1/count``) along ``dim``.
+
+    After a split each copy's outgoing weights are ``share`` of the original's, so the
+    gradients of its incoming weights are ``share`` of what they were: first moments scale by
+    ``share``, second moments by ``share**2`` (the rule of staged training, Shen et al. 2022).
+    Adam's step ``m / sqrt(v)`` is unchanged, and the state matches the gradients to come.
+    """
+    shape = [1] * value.dim()
+    shape[dim] = -1
+    factor = share.to(device=value.device, dtype=value.dtype).view(shape)
+    return value * (factor * factor if key in _SQUARED else factor)
 
 
 def register_optimizer(cls: type[torch.optim.Optimizer], state_keys: Iterable[str]) -> None:
@@ -75,16 +97,29 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
                 )
 
 
-def migrate_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, dim: int, imap: IndexMap) -> None:
-    """Remap ``param``'s per-element state along ``dim`` (call before ``param`` changes shape)."""
+def migrate_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, dim: int, imap: IndexMap,
+                  new_state: str = "copy", split: bool = False) -> None:
+    """Remap ``param``'s per-element state along ``dim`` (call before ``param`` changes shape).
+
+    ``new_state`` says what units copied from others start with (``NEW_STATES``); ``split``: the
+    tensor holds the split units' incoming weights, whose gradients the split rescales.
+    """
     old = optimizer.state.get(param)
     if not old:
         return  # state is created lazily at the first step(): nothing to carry yet
     keys = _state_keys(optimizer)
+    n_old = param.shape[dim]
+    source = imap.source
+    if new_state == "zero":  # copies (new positions with a source) start as never stepped
+        copies = torch.arange(source.numel()) >= n_old
+        source = torch.where(copies, torch.full_like(source, -1), source)
+    state_map = IndexMap(source, imap.scale)
     new = {}
     for key, value in old.items():
         if isinstance(value, torch.Tensor) and key in keys and value.shape == param.shape:
-            value = remap(value, dim, imap, 0.0)
+            value = remap(value, dim, state_map, 0.0)
+            if new_state == "split" and split and imap.scale is not None:
+                value = split_moments(key, value, dim, imap.scale)
         new[key] = value
     optimizer.state[param] = new
 
