@@ -70,7 +70,7 @@ def test_yaml_values() -> None:
     ({"model": {"hiddn": [3]}}, "model.hiddn: unknown key; allowed: activation, dropout, hidden, norm, type"),
     ({"trian": {}}, "trian: unknown key; allowed: data, device, model, optim, policies, scheduler, seed, train"),
     ({"model": {"hidden": [8, 0]}}, "model.hidden.1: must be an integer >= 1, got 0"),
-    ({"model": {"type": "rnn"}}, "model.type: must be one of mlp, cnn, got 'rnn'"),
+    ({"model": {"type": "rnn"}}, "model.type: must be one of mlp, cnn, target, hf, got 'rnn'"),
     ({"model": {"type": "cnn"}}, "model.type: cnn needs image data"),
     ({"optim": {"lr": "fast"}}, "optim.lr: must be a number > 0, got 'fast'"),
     ({"optim": {"name": "lion"}}, "optim.name: must be one of sgd, adam, adamw, rmsprop, adagrad"),
