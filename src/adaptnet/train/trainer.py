@@ -395,6 +395,12 @@ class Trainer:
         """(Re-)create what wraps the model: DDP (its hooks cover only the parameters that exist when
         it is built), then one compile per architecture."""
         module = self.dist.wrap(self.model, self.device) if self.dist is not None else self.model
+        shapes = [tuple(p.shape) for p in self.model.parameters()]
+        if self.compile and shapes != getattr(self, "_compiled_shapes", shapes):
+            # dynamo keeps every compiled version of a forward and, past recompile_limit (8), runs it
+            # eagerly without a word: drop the versions of shapes this edit made stale
+            torch._dynamo.reset_code(type(self.model).forward.__code__)
+        self._compiled_shapes = shapes
         self._forward = torch.compile(module) if self.compile else module
         self._wrapped = True
 
