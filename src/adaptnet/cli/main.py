@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from adaptnet import __version__
-from adaptnet.cli import inspect_run, report, resume, train
+from adaptnet.cli import export, inspect_run, report, resume, train
 from adaptnet.cli._common import CLIError
 from adaptnet.train.trainer import TrainingError
 
@@ -28,7 +28,7 @@ USER_ERRORS = (CLIError, ValueError, TrainingError, OSError)
 
 
 def _commands() -> list[ModuleType]:
-    modules: list[ModuleType] = [train, resume, report, inspect_run]
+    modules: list[ModuleType] = [train, resume, report, inspect_run, export]
     for name in OPTIONAL:
         if importlib.util.find_spec(f"adaptnet.cli.{name}") is not None:
             modules.append(importlib.import_module(f"adaptnet.cli.{name}"))
