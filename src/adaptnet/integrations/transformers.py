@@ -75,7 +75,7 @@ class AdaptnetCallback(transformers.TrainerCallback):
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         assert model is not None
         if self.base_config is None:
-            self.base_config = model.config.to_dict()  # type: ignore[operator]
+            self.base_config = model.config.to_dict()  # type: ignore[union-attr,operator]
         inputs = self.example_inputs
         batch = next(iter(train_dataloader)) if train_dataloader is not None else None
         if inputs is None and batch is not None:
