@@ -40,10 +40,17 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
                      f"{got[0]['params']:,}", _pm(per_arm[arm]["val_loss"])])
     fractions = [r["flops_fraction_to_static_loss"] for r in runs]
     reached = [f for f in fractions if f is not None]
+    ratios = [r["grown_flops_over_static_flops_at_grown_loss"] for r in runs]
+    got = [f for f in ratios if f is not None]
     summary: dict[str, Any] = {"arms": per_arm, "flops_fraction_to_static_loss": {
-        "per_seed": fractions, "reached": len(reached), "seeds": len(runs),
-        **(mean_std(reached) if reached else {})}}
+        "per_seed": fractions, "reached": len(reached), "seeds": len(runs), **(mean_std(reached) if reached else {})},
+        "grown_flops_over_static_flops_at_grown_loss": {
+        "per_seed": ratios, "reached": len(got), "seeds": len(runs), **(mean_std(got) if got else {})}}
     lines = ["", f"== {len(runs)} seed(s), mean ± std ==", *_table(rows), ""]
+    if got:
+        lines.append(f"at its final loss, the grown run (AdamW carried) has spent "
+                     f"{_pm(summary['grown_flops_over_static_flops_at_grown_loss'], '.1%')} of the FLOPs the static "
+                     f"run spends to come down to that loss ({len(got)} of {len(runs)} seeds)")
     if reached:
         lines.append(f"grown (AdamW carried) reaches the static model's final validation loss at "
                      f"{_pm(summary['flops_fraction_to_static_loss'], '.1%')} of its training FLOPs "
@@ -53,22 +60,24 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
         lines.append(f"grown (AdamW carried) does not reach the static model's final validation loss in "
                      f"{per_arm['grown']['steps']} steps (final gap {gap:+.4f} nats/byte, mean)")
     stages, stage_rows = [], [["stage", "step", "rel. change f64 (max)", "f32 (max)", "spike carried",
-                               "spike re-created", "edit / train step"]]
+                               "spike re-created", "no edit (static)", "edit / train step"]]
     for i, first in enumerate(runs[0]["arms"]["grown"]["stages"]):
         carried = [r["arms"]["grown"]["stages"][i] for r in runs]
         fresh = [r["arms"]["grown_fresh"]["stages"][i] for r in runs]
+        still = [r["arms"]["static"]["stages"][i] for r in runs]
         ratios = [c["edit_per_train_step"] for c in carried if c["edit_per_train_step"] is not None]
         stage = {"stage": first["stage"], "step": first["step"], "sizes": first["sizes"],
                  "rel_change_f64_max": max(c["rel_change_f64"] for c in carried),
                  "rel_change_f32_max": max(c["rel_change_f32"] for c in carried),
                  "spike_carried": mean_std([c["spike"] for c in carried]),
                  "spike_recreated": mean_std([c["spike"] for c in fresh]),
+                 "spike_no_edit": mean_std([c["spike"] for c in still]),
                  "edit_s": mean_std([c["edit_s"] for c in carried]),
                  "edit_per_train_step": mean_std(ratios) if ratios else None}
         stages.append(stage)
         stage_rows.append([stage["stage"], str(stage["step"]), f"{stage['rel_change_f64_max']:.1e}",
                            f"{stage['rel_change_f32_max']:.1e}", _pm(stage["spike_carried"], "+.2%"),
-                           _pm(stage["spike_recreated"], "+.2%"),
+                           _pm(stage["spike_recreated"], "+.2%"), _pm(stage["spike_no_edit"], "+.2%"),
                            _pm(stage["edit_per_train_step"], ".2f") if ratios else "-"])
     summary["stages"] = stages
     lines += ["", "per growth stage (spike: probe loss peak after the edit over the loss before, relative):",

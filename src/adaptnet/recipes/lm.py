@@ -14,7 +14,9 @@ Four arms per seed, on the same batches in the same order:
   through every edit (``adaptnet.widen``/``deepen`` with ``optimizer=``);
 - ``grown_fresh``: the same growth, with AdamW re-created at each stage (what the published
   growth methods do);
-- ``static``: the final-size model from scratch, the same number of steps;
+- ``static``: the final-size model from scratch for ``steps`` steps (the grown runs take
+  ``grown_steps``, by default as many); at the grown run's stage steps it follows the probe loss
+  as the grown runs do, without an edit: the spike a growth step would show anyway;
 - ``static_flops``: the final-size model from scratch, for as many steps as the grown run's
   training FLOPs allow.
 
@@ -75,7 +77,9 @@ class LMSettings:
         "help": "growth stages in order: kinds mlp, heads, d_model, depth, joined by + for one step"})
     grow_at: tuple[float, ...] = field(default=(0.2, 0.35, 0.5), metadata={
         "help": "when each stage of grow happens, as a fraction of the steps (increasing, in (0, 1))"})
-    steps: int = field(default=1500, metadata={"help": "training steps of the grown and static runs"})
+    steps: int = field(default=800, metadata={"help": "training steps of the static run"})
+    grown_steps: int | None = field(default=1200, metadata={
+        "help": "training steps of the grown runs (null: as many as the static run)"})
     batch: int = field(default=32, metadata={"help": "windows per step"})
     context: int = field(default=64, metadata={"help": "bytes per window"})
     chars: int = field(default=1_000_000, metadata={"help": "bytes of stdlib source used (90% train, 10% validation)"})
@@ -89,6 +93,8 @@ class LMSettings:
     threads: int = field(default=1, metadata={"help": "torch threads per process"})
 
     def __post_init__(self) -> None:
+        if self.grown_steps is not None and self.grown_steps < 1:
+            raise ValueError(f"grown_steps must be at least 1 or null, got {self.grown_steps}")
         for name in ("seeds", "head_dim", "steps", "batch", "context", "eval_every", "eval_batches",
                      "spike_window", "workers", "threads", "warmup"):
             if getattr(self, name) < 1:
@@ -124,8 +130,8 @@ class LMSettings:
 
 
 QUICK: dict[str, Any] = {"seeds": 2, "layers": [1, 2], "d_model": [32, 64], "heads": [2, 4], "head_dim": 8,
-                         "hidden": [64, 128], "steps": 150, "batch": 16, "context": 32, "chars": 200_000,
-                         "warmup": 10, "eval_every": 25, "eval_batches": 4, "spike_window": 5}
+                         "hidden": [64, 128], "steps": 150, "grown_steps": None, "batch": 16, "context": 32,
+                         "chars": 200_000, "warmup": 10, "eval_every": 25, "eval_batches": 4, "spike_window": 5}
 
 
 # -- edits ---------------------------------------------------------------------------------------
@@ -175,6 +181,11 @@ def load_data(s: LMSettings) -> Data:
     return Data(text[:cut], batches[1:], batches[0])
 
 
+def evaluate_on(model: TinyGPT, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(lm_loss(model(x), y))
+
+
 def evaluate(model: TinyGPT, data: Data) -> float:
     with torch.no_grad():
         return statistics.fmean(float(lm_loss(model(x), y)) for x, y in data.val_windows)
@@ -192,7 +203,8 @@ def train_arm(arm: str, s: LMSettings, seed: int, data: Data, steps: int) -> dic
     probe_x, probe_y = data.probe
     unit_groups(model, (probe_x,))
     opt = _adamw(model, s)
-    stages = dict(zip((round(a * steps) for a in s.grow_at), s.grow, strict=True)) if growing else {}
+    at = s.grown_steps or s.steps
+    stages = dict(zip((round(a * at) for a in s.grow_at), s.grow, strict=True)) if arm != "static_flops" else {}
     g = torch.Generator().manual_seed(seed)  # the same batches, in the same order, for every arm
     step_flops, flops = 6 * macs(model) * s.batch, 0
     curve: list[list[float]] = [[0, 0, evaluate(model, data)]]
@@ -201,7 +213,12 @@ def train_arm(arm: str, s: LMSettings, seed: int, data: Data, steps: int) -> dic
     watch: dict[str, Any] | None = None
     began = time.perf_counter()
     for step in range(steps):
-        if step in stages:
+        if step in stages and not growing:  # no edit: the same measurement, for the spike training shows anyway
+            probe_loss = float(evaluate_on(model, probe_x, probe_y))
+            watch = {"stage": stages[step], "step": step, "loss_before": probe_loss, "loss_after_edit": probe_loss,
+                     "peak": probe_loss, "seen": 0, "spike": 0.0}
+            records.append(watch)
+        elif step in stages:
             watch = _grow(model, stages[step], s, seed, step, opt if arm == "grown" else None, data, recent)
             records.append(watch)
             if arm == "grown_fresh":
@@ -254,8 +271,7 @@ def _grow(model: TinyGPT, stage: str, s: LMSettings, seed: int, step: int, opt: 
 def _watch_spike(record: dict[str, Any], model: TinyGPT, x: torch.Tensor, y: torch.Tensor, window: int) -> bool:
     """Follow the probe loss after an edit; the spike is its peak (right after the edit and over the
     ``window`` steps that follow) over the loss right before, relative. True when the window is over."""
-    with torch.no_grad():
-        record["peak"] = max(record["peak"], float(lm_loss(model(x), y)))
+    record["peak"] = max(record["peak"], evaluate_on(model, x, y))
     record["seen"] += 1
     record["spike"] = (record["peak"] - record["loss_before"]) / record["loss_before"]
     return record["seen"] >= window
@@ -267,7 +283,7 @@ def run_seed(s: LMSettings, seed: int, log: Callable[[str], None] | None = None)
     data = load_data(s)
     arms: dict[str, dict[str, Any]] = {}
     for arm in ARMS:
-        steps = s.steps
+        steps = (s.grown_steps or s.steps) if arm.startswith("grown") else s.steps
         if arm == "static_flops":  # as many steps of the final model as the grown run's FLOPs pay for
             steps = max(1, round(arms["grown"]["flops"] / (arms["static"]["flops"] / s.steps)))
         arms[arm] = train_arm(arm, s, seed, data, steps)
@@ -275,10 +291,14 @@ def run_seed(s: LMSettings, seed: int, log: Callable[[str], None] | None = None)
             r = arms[arm]
             log(f"  seed {seed}  {arm:<12}  {r['steps']:>5} steps  {r['flops'] / 1e12:7.3f} TFLOPs  "
                 f"val loss {r['val_loss']:.4f}  ({r['train_s']:.0f} s)")
-    points = [(f, v) for _, f, v in arms["grown"]["curve"]]
-    crossing = interpolate_crossing(points, arms["static"]["val_loss"])
+    grown = [(f, v) for _, f, v in arms["grown"]["curve"]]
+    crossing = interpolate_crossing(grown, arms["static"]["val_loss"])
+    # The other way round: the FLOPs the static run spends to come down to the grown run's final loss.
+    static_to_grown = interpolate_crossing([(f, v) for _, f, v in arms["static"]["curve"]], arms["grown"]["val_loss"])
     return {"seed": seed, "arms": arms,
-            "flops_fraction_to_static_loss": None if crossing is None else crossing / arms["static"]["flops"]}
+            "flops_fraction_to_static_loss": None if crossing is None else crossing / arms["static"]["flops"],
+            "grown_flops_over_static_flops_at_grown_loss":
+                None if static_to_grown is None else arms["grown"]["flops"] / static_to_grown}
 
 
 def _seed_in_worker(args: tuple[LMSettings, int]) -> dict[str, Any]:
@@ -291,7 +311,8 @@ def run(settings: LMSettings, out: Path) -> dict[str, Any]:
     s = settings
     say(f"== byte-level GPT on stdlib sources: {s.layers[0]}x{s.d_model[0]} -> {s.layers[1]}x{s.d_model[1]} "
         f"(heads {s.heads[0]}->{s.heads[1]}, MLP {s.hidden[0]}->{s.hidden[1]}), stages {list(s.grow)} at "
-        f"{list(s.grow_at)} of {s.steps} steps of {s.batch}x{s.context} bytes; seeds {seeds} ==")
+        f"{list(s.grow_at)} of {s.grown_steps or s.steps} steps (static: {s.steps}) of {s.batch}x{s.context} "
+        f"bytes; seeds {seeds} ==")
     try:
         if settings.workers > 1 and len(seeds) > 1:
             with multiprocessing.get_context("spawn").Pool(min(settings.workers, len(seeds))) as pool:
