@@ -1,4 +1,4 @@
-"""``torch.compile`` and edits: every edit costs exactly one new graph, the steps between edits none,
+"""``torch.compile`` of the input-adaptive modules in one graph, and edits: every edit costs exactly one new graph, the steps between edits none,
 for adaptnet's MLP and CNN and a traced user model, and under ``Trainer(compile=True)`` also past
 dynamo's limit of compiled versions per function (``recompile_limit``, 8), after which dynamo
 would silently run the model eagerly.
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from export_models import Counter
+from export_models import Counter, early_exit, halting, moe
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -95,3 +95,15 @@ def test_trainer_compile_recompiles_once_per_edit_past_the_limit(kind: str, monk
     assert recorder.edits == 12 > torch._dynamo.config.recompile_limit
     # steps 1..24, edits after the even ones: a graph for step 1 and one for each step after an edit
     assert recorder.graphs == [1 + (s - 1) // 2 for s in range(1, 25)]
+
+
+@pytest.mark.parametrize("kind", ["early_exit", "ponder", "act", "moe"])
+def test_input_adaptive_modules_compile_to_one_graph_in_eval(kind: str) -> None:
+    """Eval mode under torch.compile takes the traced path: no graph break (fullgraph), equal outputs."""
+    model, x = {"early_exit": lambda: early_exit("patience"), "ponder": lambda: halting("ponder_lstm"),
+                "act": lambda: halting("act"), "moe": lambda: moe(2, 0.75)}[kind]()
+    compiled = EAGER(model, fullgraph=True)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max() <= 1e-5
+        compiled(x)
+    assert _graphs() == 1
