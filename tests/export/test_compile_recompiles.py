@@ -1,7 +1,7 @@
-"""``torch.compile`` of the input-adaptive modules in one graph, and edits: every edit costs exactly one new graph, the steps between edits none,
-for adaptnet's MLP and CNN and a traced user model, and under ``Trainer(compile=True)`` also past
-dynamo's limit of compiled versions per function (``recompile_limit``, 8), after which dynamo
-would silently run the model eagerly.
+"""``torch.compile``: the input-adaptive modules compile to one graph in eval; every edit costs
+exactly one new graph and the steps between edits none, for adaptnet's MLP and CNN and a traced
+user model, and under ``Trainer(compile=True)`` also past dynamo's limit of compiled versions per
+function (``recompile_limit``, 8), after which dynamo would silently run the model eagerly.
 
 Graphs are counted with ``torch._dynamo.utils.counters["stats"]["unique_graphs"]``. The backend
 is ``"eager"``: recompiles are decided by dynamo's guards whatever the backend, and inductor's code
