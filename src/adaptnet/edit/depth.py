@@ -69,9 +69,11 @@ def _zero(tensors: list[torch.Tensor]) -> None:
             t.zero_()
 
 
-def _stream_writers(model: nn.Module, block_name: str) -> list[torch.Tensor]:
-    """The block's parameters whose output rows index a dimension that runs on outside the
-    block (the residual stream): its output projections, with their biases."""
+def _stream_writers(model: nn.Module, block_name: str) -> list[str]:
+    """The names, inside the block, of its parameters whose output rows index a dimension that
+    runs on outside the block (the residual stream): its output projections, with their biases.
+    Read from the model's trace as it is (before a copy of the block is inserted: a copy has the
+    same names, and the trace need not be redone)."""
     found = trace(model)
     prefix = block_name + "."
     outside = {v for (name, _), vs in found.variables.items() if not name.startswith(prefix) for v in vs}
@@ -79,7 +81,7 @@ def _stream_writers(model: nn.Module, block_name: str) -> list[torch.Tensor]:
     writers = {name.rpartition(".")[0] for (name, d), vs in found.variables.items()
                if name.startswith(prefix) and name in tensors and found.roles[(name, d)] == "out"
                and outside.intersection(vs)}
-    return [p for name, p in tensors.items() if name.rpartition(".")[0] in writers]
+    return [name[len(prefix):] for name in tensors if name.rpartition(".")[0] in writers]
 
 
 def _last_norm(block: nn.Module) -> list[torch.Tensor]:
@@ -109,6 +111,7 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
     container, i = locate(model, after, "after")
     inputs = inputs_for(model)
     before = outputs_of(model, inputs)
+    writers = _stream_writers(model, after)
     block = copy.deepcopy(container[i])
     if init == "fresh":
         for m in block.modules():
@@ -127,7 +130,7 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
             ) from err
         if init == "copy":
             return f"{after.rpartition('.')[0]}.{i + 1}".lstrip("."), block
-        return _make_identity(model, after, block, i, inputs, before)
+        return _make_identity(model, after, block, i, inputs, before, writers)
     except BaseException:
         del container[i + 1]
         _renumber(model, container, len(container) + 1)
@@ -135,10 +138,11 @@ def insert_block(model: nn.Module, after: str, init: str) -> tuple[str, nn.Modul
 
 
 def _make_identity(model: nn.Module, after: str, block: nn.Module, i: int, inputs: tuple[Any, ...],
-                   before: list[torch.Tensor]) -> tuple[str, nn.Module]:
+                   before: list[torch.Tensor], writers: list[str]) -> tuple[str, nn.Module]:
     name = f"{after.rpartition('.')[0]}.{i + 1}".lstrip(".")
     saved = {id(p): p.detach().clone() for p in block.parameters()}
-    for attempt in (lambda: _stream_writers(model, name), lambda: _last_norm(block)):
+    copied: list[torch.Tensor] = [block.get_parameter(w) for w in writers]
+    for attempt in (lambda: copied, lambda: _last_norm(block)):
         tensors = attempt()
         if not tensors:
             continue

@@ -73,7 +73,10 @@ class Trace:
     # Multiply-accumulates of the example batch: per product, its output and summed dims' layouts.
     products: list[tuple[tuple[Layout, ...], tuple[Layout, ...]]] = field(default_factory=list)
     batch: int = 1  # the example batch's size (dim 0 of the first input)
-    verified: frozenset[str] = frozenset()  # groups whose edits were checked by tracing again
+    # Kinds of groups (``_kind``) whose edits were checked by tracing again: the check is about the
+    # code of the modules a group runs through, so one group of a kind vouches for the others
+    # (every block's MLP), and the finding survives a depth edit's new trace.
+    verified: frozenset[Any] = frozenset()
     # Groups an edit found to be written into the model's code: no longer offered. (Kept on this
     # object, which the edit's rollback puts back: the finding survives the undone edit.)
     unusable: set[str] = field(default_factory=set)
@@ -422,6 +425,8 @@ def trace(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Trac
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     inputs = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
     result = _analyse(model, inputs)
+    if cached is not None:
+        result.verified = cached.verified
     model.__dict__[_CACHE] = result
     logger.debug("traced %s: %d unit groups", type(model).__name__, len(result.groups))
     return result
@@ -499,8 +504,8 @@ def _trusted(model: nn.Module) -> bool:
 
 
 def verify_group(model: nn.Module, edited: str) -> str | None:
-    """After the first width edit of group ``edited`` (per structure) of a model with code of its
-    own: trace it again and compare its groups with those read from the tensors. A size written
+    """After the first width edit of a group of ``edited``'s kind (``_kind``) in a model with code
+    of its own: trace it again and compare its groups with those read from the tensors. A size written
     into the code (``view(b, -1, n_heads, d)``: the ``-1`` takes the new heads) runs, but traces
     differently. Returns what differs, or None. Groups of one unit are left out of the comparison:
     a trace cannot tell one unit from a broadcast.
@@ -508,7 +513,8 @@ def verify_group(model: nn.Module, edited: str) -> str | None:
     if _trusted(model):
         return None
     found = trace(model)
-    if edited in found.verified:
+    kind = _kind(unit_groups(model)[edited])
+    if kind in found.verified:
         return None
     expected = {name: g.size for name, g in unit_groups(model).items() if g.size > 1}
     try:
@@ -522,8 +528,13 @@ def verify_group(model: nn.Module, edited: str) -> str | None:
         found.fixed[edited] = "a size written into the model's code (an edit of it traced differently)"
         return f"traced again, its unit groups differ from those edited ({differ[:4]}); {edited!r} is no longer offered"
     # The first trace stays: it saw every group at its traced size (none was a single unit).
-    model.__dict__[_CACHE] = replace(found, verified=found.verified | {edited})
+    model.__dict__[_CACHE] = replace(found, verified=found.verified | {kind})
     return None
+
+
+def _kind(group: UnitGroup) -> frozenset[tuple[str, str, int, str]]:
+    """What a group is made of, whatever its place: (module class, tensor, dim, role) of its slices."""
+    return frozenset((type(sl.module).__qualname__, sl.name, sl.dim, sl.role) for sl in group.slices)
 
 
 def widths(model: nn.Module) -> list[int]:
