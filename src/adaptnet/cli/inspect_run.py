@@ -22,7 +22,7 @@ from adaptnet.nn.protocols import HasSpec
 from adaptnet.train import _integrity
 from adaptnet.train._any_model import TYPE as TRACED
 from adaptnet.train.build import fresh_model
-from adaptnet.train.checkpoint import SPEC_FILE, load
+from adaptnet.train.checkpoint import SPEC_FILE, CheckpointManager, load
 from adaptnet.train.config import load_config
 from adaptnet.train.rundir import CHECKPOINTS, CONFIG, read_events
 
@@ -66,8 +66,11 @@ def locate(path: Path, trusted: bool = False) -> tuple[Path, Path | None, nn.Mod
         model, state = load(path, model=fresh() if fresh is not None else None)
         return path, run_dir, model, state, []
     if (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir():
+        # Only a run of a user's or a transformers model needs its config (a recipe's config.yaml is not one).
+        newest = CheckpointManager(path / CHECKPOINTS).latest()
+        fresh = _fresh(path, trusted) if newest is not None and _traced(newest) else None
         latest, model, state, skipped = newest_loadable(path, f"{path} has no checkpoint yet (nothing in "
-                                                              f"{path / CHECKPOINTS})", _fresh(path, trusted))
+                                                              f"{path / CHECKPOINTS})", fresh)
         return latest, path, model, state, skipped
     raise CLIError(f"{path} is neither a checkpoint folder (with {SPEC_FILE}) nor a run directory (with {CONFIG})")
 
