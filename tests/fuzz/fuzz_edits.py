@@ -62,6 +62,7 @@ from edit_checks import assert_identical, capture, check_dtype_device, check_opt
 
 import adaptnet as an  # noqa: E402
 from adaptnet.edit.depth import depth_edits  # noqa: E402
+from adaptnet.edit.init import carry_kind  # noqa: E402
 from adaptnet.nn import ACTIVATIONS, ResidualBlock  # noqa: E402
 
 F64 = torch.float64
@@ -81,13 +82,10 @@ REFUSED_EXACT = "cannot keep the function"  # the message of an exact init refus
 # Bugs this fuzzer found in adaptnet, reported and not yet fixed: the cases that show them are left
 # out (or their check skipped) unless --check-known is given. Remove an entry once it is fixed.
 KNOWN: dict[str, str] = {
-    "single-head": "attention with one head: hand-written (matmul, softmax), its head_dim is offered as unit "
-                   "groups (q/k and v) whose every edit is undone; with SDPA (and GPT-2, Llama) the head group "
-                   "vanishes. Pruning heads to 1 is undone when a re-trace checks it, else leaves such groups",
-    "depthwise-1": "a depthwise (grouped) conv pruned to 1 channel gets groups=1 and can never be widened "
-                   "again (the edit is undone: its forward fails)",
-    "gradmax-raw-error": "widen(init='gradmax') of a group whose edit breaks the forward raises the forward's "
-                         "own error (RuntimeError, IndexError), not EditError (met only through the gaps above)",
+    "single-head": "attention with one head, written by hand (view(b, t, -1, head_dim)): the view's size-1 "
+                   "heads dim looks like any size-1 dim, so head_dim is offered as unit groups (q/k and v) "
+                   "whose every edit is undone (the forward fails); with SDPA (and GPT-2, Llama) the head "
+                   "group is not offered. Pruning heads to 1 is refused (EditError) since the fix of depthwise-1",
 }
 CHECK_KNOWN = False  # --check-known
 
@@ -526,9 +524,19 @@ def unit_cap(group: an.UnitGroup) -> int:
     return min(MAX_UNITS, max(4, MAX_ENTRIES // max(entries, 1)))
 
 
+def _one_is_refused(group: an.UnitGroup) -> bool:
+    """The documented rule: a group of attention heads (units computed several entries at a time) or
+    of a grouped conv's groups is not pruned to 1 unit."""
+    heads = any(sl.role == "out" and sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size
+                for sl in group.slices)
+    grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
+                  for sl in group.slices)
+    return heads or grouped
+
+
 def _one_is_special(group: an.UnitGroup) -> bool:
-    """Units of several entries (attention heads) or channels of a grouped conv: one unit left is
-    where KNOWN["single-head"] and KNOWN["depthwise-1"] begin."""
+    """Units of several entries (attention heads, flattened channels) or channels of a grouped conv:
+    the fuzzer keeps them at 2 or more (one unit is refused where ``_one_is_refused``)."""
     wide = any(int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
     grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups > 1 for sl in group.slices)
     return wide or grouped
@@ -536,7 +544,10 @@ def _one_is_special(group: an.UnitGroup) -> bool:
 
 def can_be_exact(group: an.UnitGroup, init: str, by: int) -> bool:
     """The documented rule (docs/any-model.md): an exact init keeps the function unless the group's
-    units are tied, or mixed (net2net and firefly by a multiple of the size under mean-like ops excepted)."""
+    units are tied, or mixed (net2net and firefly by a multiple of the size under mean-like ops excepted;
+    zero carries a LayerNorm/RMSNorm stream, or is refused where a norm's output is the stream)."""
+    if init == "zero" and carry_kind(group) is not None:
+        return True
     if group.tied:
         return False
     if not group.mixed:
@@ -669,7 +680,7 @@ class Runner:
         rng, case = self.rng, self.case
         name, group, layer = self._pick()
         n = group.size
-        least = 1 if CHECK_KNOWN or not _one_is_special(group) else 2  # KNOWN["single-head"], ["depthwise-1"]
+        least = 2 if _one_is_special(group) else 1  # one head / one conv group: refused (see invalid requests)
         if n <= least:
             return self.widen() if n < unit_cap(group) else None
         how = rng.choice(["amount", "keep", "units"])
@@ -815,6 +826,9 @@ class Runner:
         if bad_name not in groups:
             add(f"widen({bad_name!r}, 2)", lambda: an.widen(model, bad_name, 2, optimizer=opt))
             add(f"prune({bad_name!r}, keep=1)", lambda: an.prune(model, bad_name, keep=1, optimizer=opt))
+        if n > 1 and _one_is_refused(groups[name]):
+            add(f"prune({name!r}, keep=1) [one head or conv group]",
+                lambda: an.prune(model, name, keep=1, optimizer=opt))
         bad_index = rng.choice([len(names), -1, 1.5, True, None])
         add(f"widen(layer={bad_index!r}, 2)", lambda: an.widen(model, bad_index, 2, optimizer=opt))
         bad_by = rng.choice([0, -1, 1.5, True, "2", None])

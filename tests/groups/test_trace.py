@@ -359,3 +359,35 @@ def test_macs_count_attention_products() -> None:
     t, d, heads = 5, 16, 4
     attention = 2 * heads * t * t * (d // heads)  # q k^T and weights v, per sample
     assert macs(model) == an.count_macs(model, x) + attention
+
+
+def test_one_head_or_one_conv_group_is_not_left_by_a_prune() -> None:
+    """One attention head, or one group of a depthwise conv, traces like no heads (a plain conv):
+    the groups would change under the user's feet, so prune keeps two."""
+    torch.manual_seed(0)
+    attention, ids = gm.Attention(fused=False), torch.randint(0, 11, (2, 5))
+    heads = next(name for name, g in an.unit_groups(attention, (ids,)).items() if g.size == 4)
+    with pytest.raises(an.EditError, match="keep at least 2"):
+        an.prune(attention, heads, keep=1)
+    an.prune(attention, heads, keep=2)
+    convs = gm.Convs()
+    groups = an.unit_groups(convs, (torch.randn(2, 3, 16),))
+    depthwise = next(name for name, g in groups.items() if any(sl.module is convs.dw for sl in g.slices))
+    with pytest.raises(an.EditError, match="keep at least 2"):
+        an.prune(convs, depthwise, keep=1)
+    an.prune(convs, depthwise, keep=2)
+    an.widen(convs, depthwise, 3, init="zero")
+    assert convs.dw.groups == convs.dw.out_channels == 5
+
+
+def test_gradmax_where_its_probe_cannot_run_says_so_in_an_edit_error() -> None:
+    torch.manual_seed(0)
+    model, x = gm.HardCoded(), torch.randn(4, 4)
+    an.unit_groups(model, (x,))
+    batch = (x, model(x).detach())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(an.EditError, match="needs a layer that reads the units"):  # summed: no reader
+        an.widen(model, "fc1", 2, init="gradmax", batch=batch, loss_fn=nn.functional.mse_loss, exact=False)
+    with pytest.raises(an.EditError, match="probe units added, the model's forward fails"):  # view(-1, 2, 3)
+        an.widen(model, "fc1#2", 2, init="gradmax", batch=batch, loss_fn=nn.functional.mse_loss, exact=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

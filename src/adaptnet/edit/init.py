@@ -187,6 +187,15 @@ def _from_columns(sl: Slice, cols: torch.Tensor, units: int) -> torch.Tensor:
     return cols.reshape([cols.shape[0] * _entries(sl, units), *moved[1:]]).movedim(0, sl.dim)
 
 
+def _consumers(group: UnitGroup) -> list[tuple[int, Slice]]:
+    """The slices (with their index in the group) that read the group's units."""
+    consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
+    if not consumers:
+        raise EditError(f"gradient-guided growth needs a layer that reads the units of {group.name!r}, and it has "
+                        "none (its units are summed or are an output); use init='zero' or 'net2net'")
+    return consumers
+
+
 def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
     """``M`` such that new zero-fan-in units with outgoing weights ``w`` get incoming gradient ``w^T M``.
 
@@ -195,7 +204,7 @@ def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Los
     is left exactly as it was (grads included).
     """
     n = group.size
-    consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
+    consumers = _consumers(group)
     widths = [_columns(sl, sl.tensor, n).shape[1] for _, sl in consumers]
     d_out = sum(widths)
     ref = consumers[0][1].tensor
@@ -206,7 +215,16 @@ def gradient_matrix(model: nn.Module, group: UnitGroup, batch: Any, loss_fn: Los
     snapshot = Snapshot(model, None)
     try:
         apply_index_map(group, IndexMap.append(n, torch.full((d_out,), -1)), probe, None, model)
-        backward_on(model, batch, loss_fn, "gradient-guided growth")
+        try:
+            backward_on(model, batch, loss_fn, "gradient-guided growth")
+        except EditError:
+            raise
+        except Exception as err:  # the model's own code failed on the widened group
+            raise EditError(
+                f"gradient-guided growth of {group.name!r}: with {d_out} probe units added, the model's forward "
+                f"fails ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); a size written "
+                "into its code? Compute sizes from the tensors, or widen with init='zero' or 'net2net'"
+            ) from err
         rows = []
         for sl in group.slices:
             if sl.role == "out" and isinstance(sl.tensor, nn.Parameter) and sl.tensor.grad is not None:
@@ -238,7 +256,7 @@ def growth_score(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_f
 
 def gradmax(model: nn.Module, group: UnitGroup, by: int, batch: Any, loss_fn: LossFn | None) -> Plan:
     n = group.size
-    consumers = [(k, sl) for k, sl in enumerate(group.slices) if sl.role == "in"]
+    consumers = _consumers(group)
     widths = [_columns(sl, sl.tensor, n).shape[1] for _, sl in consumers]
     ref = consumers[0][1].tensor
     u, s, _ = torch.linalg.svd(gradient_matrix(model, group, batch, loss_fn), full_matrices=False)

@@ -283,6 +283,11 @@ def prune(
         n_remove = len(chosen)
     if n_remove >= n:
         raise EditError(f"pruning all {n} units of {group.name} would cut the network; keep at least 1")
+    if n - n_remove < 2 and _one_is_ambiguous(group):
+        raise EditError(
+            f"pruning {group.name} to 1 unit would leave one attention head or one group of a grouped "
+            "convolution, which the graph cannot tell from no heads (or a plain convolution): keep at least 2"
+        )
     if importance == "taylor" and chosen is None and batch is not None:
         if loss_fn is None:
             raise EditError("importance='taylor' with batch= needs loss_fn=")
@@ -302,6 +307,14 @@ def prune(
 
     init = None if units is not None else importance
     return run_edit(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
+
+
+def _one_is_ambiguous(group: UnitGroup) -> bool:
+    """Units of several entries (attention heads) or the groups of a grouped convolution."""
+    wide = any(sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
+    grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
+                  for sl in group.slices)
+    return wide or grouped
 
 
 def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, int]:

@@ -327,7 +327,8 @@ def _fix_inner_factors(dims: Dims, trees: list[Layout]) -> None:
             outer_free = False
             for part in x.parts:
                 visit(part, under_free or outer_free)
-                outer_free = outer_free or any(free(v) for v in _leaves(part))
+                # A single head is still the outer factor: its head_dim stays inside it.
+                outer_free = outer_free or any(v not in dims.fixed for v in _leaves(part))
         else:
             for part in x.parts:
                 visit(part, under_free)
