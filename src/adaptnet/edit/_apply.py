@@ -168,15 +168,20 @@ def apply_index_map(
         tensor = sl.tensor
         flat, positions = _flat(sl, imap, units)
         default = sl.fill if sl.fill is not None else _NORM_FRESH.get(sl.name, 0.0) if sl.role == "norm" else 0.0
-        new = remap(tensor.detach(), sl.dim, flat, default)
+        values: torch.Tensor | float = default
         if k in fresh:
             values = fresh[k]
             for dim, earlier in done.get(id(tensor), []):
                 values = remap(values, dim, earlier, 0.0)
+        scale = flat.scale if sl.role == "in" else None
+        if isinstance(values, torch.Tensor) and not torch.equal(positions, flat.fresh):
+            # The fresh units' entries are not in order along the dim (a fused qkv): written after.
+            new = remap(tensor.detach(), sl.dim, flat, default)
             new.index_copy_(sl.dim, positions.to(new.device), values.to(device=new.device, dtype=new.dtype))
+            new = new if scale is None else scale_along(new, sl.dim, scale)
+        else:  # one pass: the old entries, the copies and the fresh values written once each
+            new = remap(tensor.detach(), sl.dim, flat, values, scale)
         done.setdefault(id(tensor), []).append((sl.dim, flat))
-        if sl.role == "in" and flat.scale is not None:
-            new = scale_along(new, sl.dim, flat.scale)
         if isinstance(tensor, nn.Parameter):
             grad = tensor.grad
             if optimizer is not None:

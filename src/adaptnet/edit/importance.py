@@ -23,6 +23,9 @@ IMPORTANCES = ("magnitude", "taylor")
 
 def _per_unit(sl: Slice, t: torch.Tensor, units: int) -> torch.Tensor:
     """``(units,)``: the sum of each unit's entries of ``t`` along ``sl.dim``."""
+    if sl.layout is None and t.dim() > 1:
+        # Summed in place, accumulating in float64: no moved copy and no float64 copy of ``t``.
+        return t.sum([d for d in range(t.dim()) if d != sl.dim], dtype=torch.float64)
     moved = t.movedim(sl.dim, 0)
     if sl.layout is not None:
         moved = moved[unit_positions(sl, units).flatten().to(t.device)]

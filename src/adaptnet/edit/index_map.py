@@ -44,7 +44,44 @@ class IndexMap:
         return cls(torch.cat([torch.arange(old_size), sources.to(torch.long)]), scale)
 
 
-def remap(t: torch.Tensor, dim: int, imap: IndexMap, fresh: torch.Tensor | float) -> torch.Tensor:
+def _keeps_prefix(source: torch.Tensor, n_old: int) -> bool:
+    """Whether ``source`` starts with every old unit in order (every widen: old units, then new ones)."""
+    return source.numel() >= n_old and torch.equal(source[:n_old], torch.arange(n_old, device=source.device))
+
+
+def _along(dim: int, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (one per index along ``dim``) shaped to broadcast against ``t``, in ``t``'s dtype."""
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return values.to(device=t.device, dtype=t.dtype).view(shape)
+
+
+def _gather(t: torch.Tensor, dim: int, source: torch.Tensor, fresh: torch.Tensor | float) -> torch.Tensor:
+    """A new tensor (or ``fresh`` itself, moved to ``t``'s device and dtype) whose slices along
+    ``dim`` are ``t``'s at ``source`` and, where ``source`` is -1, ``fresh``'s, in order."""
+    shape = list(t.shape)
+    shape[dim] = source.numel()
+    is_fresh = source < 0
+    n_fresh = int(is_fresh.sum())
+    if isinstance(fresh, torch.Tensor) and n_fresh and list(fresh.shape) != [*shape[:dim], n_fresh, *shape[dim + 1:]]:
+        raise ValueError(f"fresh values of shape {tuple(fresh.shape)} for {n_fresh} fresh units along dim {dim} "
+                         f"of a tensor shaped {tuple(t.shape)}")
+    if n_fresh == 0:
+        return t.index_select(dim, source.to(t.device))
+    if n_fresh == source.numel():  # only fresh units (widen with zero, random, gradmax): no gather at all
+        if isinstance(fresh, torch.Tensor):
+            return fresh.to(device=t.device, dtype=t.dtype)
+        return torch.full(shape, float(fresh), dtype=t.dtype, device=t.device)
+    out = t.index_select(dim, source.clamp(min=0).to(t.device))
+    positions = is_fresh.nonzero().flatten().to(t.device)
+    values = fresh.to(device=t.device, dtype=t.dtype) if isinstance(fresh, torch.Tensor) else \
+        torch.full([positions.numel() if d == dim else s for d, s in enumerate(shape)], float(fresh),
+                   dtype=t.dtype, device=t.device)
+    return out.index_copy_(dim, positions, values)
+
+
+def remap(t: torch.Tensor, dim: int, imap: IndexMap, fresh: torch.Tensor | float,
+          scale: torch.Tensor | None = None) -> torch.Tensor:
     """A new tensor whose slices along ``dim`` follow ``imap`` (``t`` is never modified).
 
     Args:
@@ -53,34 +90,39 @@ def remap(t: torch.Tensor, dim: int, imap: IndexMap, fresh: torch.Tensor | float
         imap: the index map.
         fresh: values for the fresh units: a tensor shaped like ``t`` with
             ``n_fresh`` along ``dim``, or a scalar fill.
+        scale: ``(n_new,)``, multiplies the result along ``dim`` (consumers of split units).
     """
-    n_old = t.shape[dim]
-    if imap.size >= n_old and torch.equal(imap.source[:n_old], torch.arange(n_old)):
-        # Old units in order, then new ones (every widen): one copy of the old tensor, not a gather.
+    n_old, n_new = t.shape[dim], imap.size
+    if _keeps_prefix(imap.source, n_old):
+        # Old units in order, then new ones (every widen): the old tensor is copied once, whole, into
+        # the new one (scaled on the way where consumers of split units are), then the new units'
+        # entries are written: no gather over the old units, no temporary for a fill.
         shape = list(t.shape)
-        shape[dim] = imap.size
+        shape[dim] = n_new
         out = t.new_empty(shape)
-        out.narrow(dim, 0, n_old).copy_(t)
-        tail = IndexMap(imap.source[n_old:])
-        if tail.size:
-            out.narrow(dim, n_old, tail.size).copy_(remap(t, dim, tail, fresh))
-        return out
-    source = imap.source.to(t.device)
-    out = t.index_select(dim, source.clamp(min=0))
-    positions = imap.fresh.to(t.device)
-    if positions.numel():
-        if isinstance(fresh, torch.Tensor):
-            values = fresh.to(device=t.device, dtype=t.dtype)
+        head, tail = out.narrow(dim, 0, n_old), out.narrow(dim, n_old, n_new - n_old)
+        if scale is None:
+            head.copy_(t)
         else:
-            shape = list(t.shape)
-            shape[dim] = positions.numel()
-            values = torch.full(shape, float(fresh), dtype=t.dtype, device=t.device)
-        out.index_copy_(dim, positions, values)
-    return out
+            torch.mul(t, _along(dim, t, scale[:n_old]), out=head)
+        tail_source = imap.source[n_old:]
+        if not isinstance(fresh, torch.Tensor) and bool((tail_source < 0).all()):
+            tail.fill_(float(fresh))
+            values = tail
+        else:
+            values = _gather(t, dim, tail_source, fresh)
+        if scale is not None:
+            torch.mul(values, _along(dim, t, scale[n_old:]), out=tail)
+        elif values is not tail:
+            tail.copy_(values)
+        return out
+    out = _gather(t, dim, imap.source, fresh)
+    if scale is not None:
+        return out * _along(dim, out, scale)
+    # Only fresh units: the result must not be the caller's own tensor of values.
+    return out.clone() if isinstance(fresh, torch.Tensor) and out.data_ptr() == fresh.data_ptr() else out
 
 
 def scale_along(t: torch.Tensor, dim: int, scale: torch.Tensor) -> torch.Tensor:
     """``t`` multiplied by ``scale`` broadcast along ``dim``."""
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t * scale.to(device=t.device, dtype=t.dtype).view(shape)
+    return t * _along(dim, t, scale)

@@ -29,7 +29,7 @@ from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
 from adaptnet.groups import find_group, inputs_for, trace, verify_group, widths
 from adaptnet.nn.groups import UnitGroup
-from adaptnet.nn.protocols import InsertsBlocks
+from adaptnet.nn.protocols import DeclaresGroups, InsertsBlocks
 
 Optimizer = torch.optim.Optimizer
 Layer = int | str
@@ -84,16 +84,26 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _own(model: nn.Module) -> bool:
+    """adaptnet's own traced models built of adaptnet's and torch's modules only: their forward
+    computes every size from the tensors, so a width edit of a traced group cannot make it fail or
+    change its output shapes, and the run on the example inputs (a forward pass) is skipped."""
+    if isinstance(model, DeclaresGroups) or not type(model).__module__.startswith("adaptnet.nn."):
+        return False
+    return all(type(m).__module__.startswith(("adaptnet.nn.", "torch.nn.")) for m in model.modules())
+
+
 def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Tensor] | None:
     """Run the edited model (inside the transaction) and return its outputs on ``batch``.
 
     A traced model is run on its example inputs: an edit after which its forward fails or its
     outputs change shape, or (checked once per group, by tracing again) its unit groups are no
     longer what they were, is undone. That is what a size written into a model's code does
-    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``).
+    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``). Width edits of adaptnet's
+    own models skip the run (``_own``): their code writes no size down.
     """
     try:
-        inputs = inputs_for(model)
+        inputs = None if group and _own(model) else inputs_for(model)
     except EditError:
         inputs = None  # never traced (an edit of a part of a model, such as grow_experts)
     failure = None
@@ -300,8 +310,9 @@ def prune(
             scores = (_importance.magnitude(group) if importance == "magnitude"
                       else _importance.taylor(model, group, batch, loss_fn))
             removed = sorted(torch.argsort(scores, stable=True)[:n_remove].tolist())
-        gone = set(removed)  # built once: a set per unit made this quadratic in the width
-        kept = torch.tensor([u for u in range(n) if u not in gone], dtype=torch.long)
+        keep_mask = torch.ones(n, dtype=torch.bool)
+        keep_mask[removed] = False
+        kept = keep_mask.nonzero().flatten()
         apply_index_map(group, IndexMap.keep(kept), {}, optimizer, model)
         return (), tuple(removed)
 
