@@ -316,11 +316,13 @@ def run(settings: LMSettings, out: Path) -> dict[str, Any]:
         f"bytes; seeds {seeds} ==")
     try:
         if settings.workers > 1 and len(seeds) > 1:
+            runs = []
             with multiprocessing.get_context("spawn").Pool(min(settings.workers, len(seeds))) as pool:
-                runs = pool.map(_seed_in_worker, [(settings, seed) for seed in seeds])
-            for r in runs:
-                for a in r["arms"].values():
-                    say(f"  seed {r['seed']}  {a['arm']:<12}  {a['steps']:>5} steps  val loss {a['val_loss']:.4f}")
+                for r in pool.imap(_seed_in_worker, [(settings, seed) for seed in seeds]):  # in order, as they end
+                    runs.append(r)
+                    for a in r["arms"].values():
+                        say(f"  seed {r['seed']}  {a['arm']:<12}  {a['steps']:>5} steps  {a['flops'] / 1e12:7.3f} "
+                            f"TFLOPs  val loss {a['val_loss']:.4f}  ({a['train_s']:.0f} s)")
         else:
             runs = [run_seed(settings, seed, say) for seed in seeds]
     finally:
