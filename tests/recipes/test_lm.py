@@ -57,8 +57,7 @@ def test_each_growth_stage_keeps_the_function_and_carries_adamw(stage: str) -> N
     with torch.no_grad():
         after = model(x)
     assert sizes(model) == {k: final[k] for k in ("layers", "d_model", "heads", "hidden")}
-    if "d_model" not in stage:  # the stream's growth is widen(exact=False) until the exact stream edit lands
-        assert float((after - before).abs().max() / before.abs().max()) < 1e-10
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-10
     held = [p for group in opt.param_groups for p in group["params"]]
     assert {id(p) for p in held} == {id(p) for p in model.parameters()}
     for p in held:
@@ -101,9 +100,8 @@ def test_quick_run_results_hang_together(tmp_path: Path) -> None:
         for stages in (arms["grown"]["stages"], arms["grown_fresh"]["stages"]):
             assert [s["stage"] for s in stages] == ["mlp+heads", "d_model", "depth"]
             for s in stages:
-                if s["stage"] != "d_model":  # exact=False until the exact stream edit lands
-                    assert s["rel_change_f64"] <= 1e-8 and s["rel_change_f32"] <= 1e-5
-                    assert s["loss_after_edit"] == pytest.approx(s["loss_before"], rel=1e-5)
+                assert s["rel_change_f64"] <= 1e-8 and s["rel_change_f32"] <= 1e-5
+                assert s["loss_after_edit"] == pytest.approx(s["loss_before"], rel=1e-5)
                 assert s["spike"] >= s["loss_after_edit"] / s["loss_before"] - 1 - 1e-12  # the peak includes it
                 assert s["edit_s"] > 0 and s["edit_per_train_step"] > 0
         fraction = run["flops_fraction_to_static_loss"]

@@ -138,7 +138,8 @@ QUICK: dict[str, Any] = {"seeds": 2, "layers": [1, 2], "d_model": [32, 64], "hea
 def grow_stage(model: TinyGPT, stage: str, final: dict[str, int], optimizer: torch.optim.Optimizer | None,
                seed: int) -> list[str]:
     """Apply one growth stage (``"mlp+heads"``, ...) to ``model``, bringing those sizes to ``final``;
-    returns what was done. New units: ``init="zero"`` (fresh incoming weights, zero outgoing ones);
+    returns what was done. New units: ``init="zero"`` (fresh incoming weights, zero outgoing ones; on
+    the residual stream, each token's mean carried, see ``adaptnet.edit.init``);
     new blocks: copies of their neighbours with zero output projections (``init="identity"``)."""
     now, done = sizes(model), []
     g = torch.Generator().manual_seed(seed)  # the same fresh weights for the model and its float64 copy
@@ -152,8 +153,9 @@ def grow_stage(model: TinyGPT, stage: str, final: dict[str, int], optimizer: tor
         key = {"mlp": "hidden", "heads": "heads", "d_model": "d_model"}[kind]
         by = final[key] - now[key]
         if kind == "d_model":
-            # LayerNorm mixes the stream's channels: exact=False until the exact stream edit lands.
-            widen(model, "embed", by, init="zero", optimizer=optimizer, generator=g, exact=False)
+            # The residual stream: init="zero" carries each token's mean into the new channels and
+            # rescales every LayerNorm (eps * d/d', scale * sqrt(d/d')), so it is exact.
+            widen(model, "embed", by, init="zero", optimizer=optimizer, generator=g)
             done.append(f"embed +{by}")
             continue
         for i in range(len(model.blocks)):
