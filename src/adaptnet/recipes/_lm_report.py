@@ -91,6 +91,7 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     lows, static_end = [], statistics.fmean(r["arms"]["static"]["val_loss"] for r in runs)
@@ -105,11 +106,12 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[str]:
                         [m + d for m, d in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
         lows.append(min(mean))
     grown = runs[0]["arms"]["grown"]
+    steps, spent = [row[0] for row in grown["curve"]], [row[1] for row in grown["curve"]]
     for stage in grown["stages"]:
-        flops = next(row[1] for row in grown["curve"] if row[0] >= stage["step"])
+        flops = float(np.interp(stage["step"], steps, spent))  # between evaluations: near enough for a marker
         ax.axvline(flops, color="0.7", lw=0.8)
         ax.text(flops, 1.0, " " + stage["stage"], rotation=90, va="top", fontsize=7, transform=ax.get_xaxis_transform())
-    ax.axhline(static_end, color="0.4", lw=0.8, ls="--")
+    ax.axhline(static_end, color="0.4", lw=0.8, ls="--", label="static, final loss")
     ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/byte)")
