@@ -112,6 +112,7 @@ def as_double(x: tuple[Any, ...]) -> tuple[Any, ...]:
 def widen_group(base: nn.Module, x: tuple[Any, ...], name: str) -> dict[str, Any]:
     m, opt = copy_of(base, x)
     before = outputs(m, x)
+    group = an.unit_groups(m)[name]  # before an edit: one that finds a size in the code withdraws the group
     refusals: list[str] = []
     for init in ("net2net", "zero"):
         try:
@@ -122,7 +123,6 @@ def widen_group(base: nn.Module, x: tuple[Any, ...], name: str) -> dict[str, Any
         change = rel_change(before, outputs(m, x))
         return {"status": "exact" if change <= EXACT_TOL else "NOT exact", "init": init, "rel_change": change,
                 "optimizer_ok": optimizer_ok(m, opt), "step_finite": math.isfinite(step(m, opt, x))}
-    group = an.unit_groups(m)[name]
     if group.tied:
         why = f"tied: {', '.join(group.tied)}"
     elif group.mixed:
@@ -155,6 +155,8 @@ def prune_group(base: nn.Module, x: tuple[Any, ...], name: str, size: int) -> di
         ok = optimizer_ok(m, opt)
         loss = step(m, opt, x)
         ok = ok and optimizer_ok(m, opt)
+    except an.EditError as err:  # refused with the reason (one head left, a size in the model's code)
+        return {"status": "refused", "refusal": short(err)}
     except Exception as err:
         return {"status": "error", "error": short(err)}
     after = an.unit_groups(m)[name].size
@@ -352,6 +354,7 @@ def _counts(row: dict[str, Any]) -> dict[str, str]:
     refused = [g["widen"]["status"].removeprefix("refused ") for g in groups.values()
                if g["widen"]["status"].startswith("refused")]
     pruned = sum(g["prune"]["status"] == "ok" for g in groups.values())
+    prune_refused = sum(g["prune"]["status"] == "refused" for g in groups.values())
     tp = row.get("torch_pruning") or {}
     tp_cell = str(tp.get("groups")) if tp.get("status") == "ok" else tp.get("status", "-")
     if "without_cache" in tp:
@@ -362,7 +365,8 @@ def _counts(row: dict[str, Any]) -> dict[str, str]:
     return {"groups": str(n), "tp": tp_cell, "trace": f"{row.get('trace_ms', 0):.0f}",
             "exact": f"{exact}/{n}" + (f" ({wrong} NOT exact)" if wrong else ""),
             "refused": "; ".join(sorted(set(refused))) or "-",
-            "prune": f"{pruned}/{n}", "deepen": "-" if deepen is None else deepen["status"],
+            "prune": f"{pruned}/{n}" + (f" ({prune_refused} refused)" if prune_refused else ""),
+            "deepen": "-" if deepen is None else deepen["status"],
             "save": sl.get("status", "-")}
 
 
@@ -390,7 +394,8 @@ def table(results: dict[str, Any]) -> str:
             extra = "" if "by_multiple_rel_change" not in w else \
                 f"; net2net by {g['size']}: change {w['by_multiple_rel_change']:.1e}"
             lines.append(f"  {name} [{g['size']}]: widen {w['status']}{change}{extra}; prune {p['status']}"
-                         + (f" -> {p['size_after']}" if "size_after" in p else f" {p.get('error', '')}"))
+                         + (f" -> {p['size_after']}" if "size_after" in p
+                            else f" {p.get('error', p.get('refusal', ''))}"))
         tp = row.get("torch_pruning") or {}
         for key, v in (("deepen", row.get("deepen")), ("save_load", row.get("save_load")),
                        ("Torch-Pruning", tp), ("Torch-Pruning, use_cache=False", tp.get("without_cache"))):

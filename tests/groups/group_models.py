@@ -179,6 +179,20 @@ class TokensAndPositions(nn.Module):
         return self.head(h[:, 0])
 
 
+class PreNormTokens(TokensAndPositions):
+    """The same with pre-norm blocks and a final LayerNorm: a stream that new channels can carry."""
+
+    def __init__(self, d: int = 8):
+        super().__init__(d)
+        self.ln1, self.ln_f = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 8, 8)
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, d)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        h = h + self.mlp2(F.gelu(self.mlp1(self.ln1(h))))
+        return self.head(self.ln_f(h)[:, 0])
+
+
 class ResidualStack(nn.Module):
     """Pre-norm residual blocks in an nn.Sequential, and post-activation ResNet blocks in a ModuleList."""
 

@@ -187,6 +187,17 @@ def test_norms_mix_their_units_and_refuse_inexact_inits() -> None:
     assert model.gn.num_channels == 6 and model.c.out_channels == 6
 
 
+def test_zero_carries_a_stream_with_a_concatenated_cls_token_and_an_added_position_table() -> None:
+    torch.manual_seed(0)
+    model, x = gm.PreNormTokens().to(F64), torch.randn(3, 1, 8, 8, dtype=F64)
+    stream = next(iter(an.unit_groups(model, (x,))))
+    before = _out(model, x)
+    an.widen(model, stream, 3, init="zero")
+    assert _relative(_out(model, x), before) <= 1e-12
+    for table in (model.cls, model.pos):  # stream content: the new channels hold each row's mean
+        assert torch.allclose(table[..., 8:], table[..., :8].mean(-1, keepdim=True).expand(-1, -1, 3))
+
+
 def test_tied_weights_are_one_slice_carried_by_zero_and_refuse_copies() -> None:
     torch.manual_seed(0)
     model = gm.Tied().to(F64)

@@ -46,8 +46,9 @@ Plan = tuple[IndexMap, dict[int, torch.Tensor]]
 
 
 def uniform(shape: list[int], bound: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    values = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
-    return (values * bound).to(device=like.device, dtype=like.dtype)
+    # In place: the same operations in the same order (the same bits) without three float64 temporaries.
+    values = torch.rand(shape, generator=generator, dtype=torch.float64).mul_(2).sub_(1).mul_(bound)
+    return values.to(device=like.device, dtype=like.dtype)
 
 
 def _entries(sl: Slice, units: int) -> int:
@@ -140,7 +141,9 @@ def carry(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
     n, kind = group.size, carry_kind(group)
     fresh: dict[int, torch.Tensor] = {}
     for k, sl in enumerate(group.slices):
-        writer = sl.role == "out" or (sl.role == "norm" and sl.fill == 0.0)  # rows, biases, added tables
+        # Writers: rows, biases, and stream content that is not a norm's or a scale (a position
+        # table added in, a cls token concatenated in).
+        writer = sl.role == "out" or (sl.role == "norm" and sl.fill != 1.0 and not _owns_eps(sl.module))
         if writer and kind == "mean":
             mean = _columns(sl, sl.tensor.detach(), n).to(torch.float64).mean(0, keepdim=True)
             fresh[k] = _from_columns(sl, mean.expand(by, -1), n).to(sl.tensor.dtype)
@@ -150,6 +153,11 @@ def carry(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
             fan_in = _fan_in(sl, n, by)
             fresh[k] = uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(fan_in), sl.tensor, generator)
     return IndexMap.append(n, torch.full((by,), -1)), fresh
+
+
+def _owns_eps(module: nn.Module) -> bool:
+    """A normalisation module (LayerNorm, RMSNorm, BatchNorm, a norm written by hand): it has an eps."""
+    return any(hasattr(module, a) for a in _EPS_NAMES)
 
 
 def rescale_norms(group: UnitGroup, old: int, new: int) -> None:

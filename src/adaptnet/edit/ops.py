@@ -145,9 +145,10 @@ def _carry(model: nn.Module, group: UnitGroup, by: int, optimizer: Optimizer | N
         raise EditError(
             f"init='zero' cannot keep the function of {group.name!r}: carrying the stream's "
             f"{_init.carry_kind(group)} into {by} new channels changed the outputs by {change / scale:.2g} "
-            "(relative). It is exact when every norm of the stream reads it before a block writes to it "
-            "(pre-norm); a norm whose output is the stream itself (post-norm, as in BERT) or a stream read "
-            "raw through a non-linear op cannot keep it. Pass exact=False to widen anyway"
+            "(relative). It is exact when the stream is read by norms and linear layers only (pre-norm "
+            "transformers); a norm whose output is the stream itself (post-norm, as in BERT), a per-channel op "
+            "before a norm (a depthwise conv, a layer scale) or a non-linear op on the raw stream cannot keep it. "
+            "Pass exact=False to widen anyway"
         )
 
 
