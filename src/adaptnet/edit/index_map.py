@@ -93,29 +93,18 @@ def remap(t: torch.Tensor, dim: int, imap: IndexMap, fresh: torch.Tensor | float
         scale: ``(n_new,)``, multiplies the result along ``dim`` (consumers of split units).
     """
     n_old, n_new = t.shape[dim], imap.size
-    if _keeps_prefix(imap.source, n_old):
-        # Old units in order, then new ones (every widen): the old tensor is copied once, whole, into
-        # the new one (scaled on the way where consumers of split units are), then the new units'
-        # entries are written: no gather over the old units, no temporary for a fill.
-        shape = list(t.shape)
-        shape[dim] = n_new
-        out = t.new_empty(shape)
-        head, tail = out.narrow(dim, 0, n_old), out.narrow(dim, n_old, n_new - n_old)
-        if scale is None:
-            head.copy_(t)
-        else:
-            torch.mul(t, _along(dim, t, scale[:n_old]), out=head)
-        tail_source = imap.source[n_old:]
-        if not isinstance(fresh, torch.Tensor) and bool((tail_source < 0).all()):
-            tail.fill_(float(fresh))
-            values = tail
-        else:
-            values = _gather(t, dim, tail_source, fresh)
-        if scale is not None:
-            torch.mul(values, _along(dim, t, scale[n_old:]), out=tail)
-        elif values is not tail:
-            tail.copy_(values)
-        return out
+    prefix = _keeps_prefix(imap.source, n_old)
+    if prefix and n_new > n_old and not bool((imap.source[n_old:] < 0).all()):
+        # New units copied from old ones (net2net, firefly): one gather over all units reads each
+        # source row once; copying the old units first and gathering the copies after reads it twice.
+        out = _gather(t, dim, imap.source, fresh)
+        return out if scale is None else out.mul_(_along(dim, out, scale))
+    if prefix:
+        # Old units in order, then fresh ones (zero, random, gradmax): the old tensor copied once, whole,
+        # next to the fresh units' values. ``cat`` copies row by row; a copy into a column slice of
+        # a new tensor (``narrow(1, ...).copy_``) ran at under half its speed.
+        out = torch.cat([t, _gather(t, dim, imap.source[n_old:], fresh)], dim)
+        return out if scale is None else out.mul_(_along(dim, out, scale))
     out = _gather(t, dim, imap.source, fresh)
     if scale is not None:
         return out * _along(dim, out, scale)
