@@ -119,6 +119,7 @@ def test_quick_run_results_hang_together(tmp_path: Path) -> None:
     (["grow_at=[0.5,0.2,0.7]"], "grow_at must give one increasing fraction"),
     (["layers=[4,2]"], "layers must be [start, final] with 1 <= start <= final"),
     (["steps=0"], "steps must be at least 1"),
+    (["heads=[1,4]"], "heads must start at 2 or more to grow"),
     (["heads=two"], "setting heads: expected a list of integers"),
 ])
 def test_bad_settings_exit_2_with_one_line(words: list[str], message: str, tmp_path: Path,
