@@ -160,3 +160,19 @@ def test_save_and_load_a_grown_hf_model_into_a_fresh_instance(tmp_path: Path) ->
     fresh = llama().to(F64)
     loaded, _ = an.load(tmp_path / "ck", model=fresh)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_exact_false_still_carries_the_stream_and_falls_back_where_it_cannot() -> None:
+    model, ids = _build("gpt2")
+    before = _logits(model, ids)
+    an.widen(model, STREAMS["gpt2"], 5, init="zero", exact=False)  # the carry is exact here: used
+    assert _relative(_logits(model, ids), before) <= 1e-12
+    bert, bert_ids = _build("bert")
+    opt = torch.optim.AdamW(bert.parameters(), lr=1e-3)
+    bert.train()
+    bert(bert_ids).logits.pow(2).mean().backward()
+    opt.step()  # trained norms: LayerNorm(1, 0) outputs would have mean 0, and the carry be exact even here
+    before = _logits(bert, bert_ids)
+    an.widen(bert, STREAMS["bert"], 3, init="zero", optimizer=opt, exact=False)  # post-norm: plain zero, inexact
+    assert _relative(_logits(bert, bert_ids), before) > 1e-6
+    assert an.unit_groups(bert)[STREAMS["bert"]].size == 19

@@ -21,7 +21,7 @@ from adaptnet.edit import importance as _importance
 from adaptnet.edit import init as _init
 from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import LossFn, max_change, outputs_of, outputs_on, split_batch
-from adaptnet.edit._transaction import transaction
+from adaptnet.edit._transaction import Snapshot, transaction
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.optim import NEW_STATES, check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
@@ -207,7 +207,8 @@ def widen(
         noise: ``net2net``/``firefly``: relative symmetry-breaking noise on the split shares (exact).
         generator: the random source for unit choice and fresh weights.
         exact: refuse (``EditError``) an exact init that this group cannot keep exact (units
-            mixed by a LayerNorm or a mean, tied weights); False widens anyway.
+            mixed by a LayerNorm or a mean, tied weights); False widens anyway (``zero`` still
+            carries a norm-mixed stream where that is exact, else uses its plain form).
         new_state: the optimizer state of units split from others (``net2net``, ``firefly``):
             ``"copy"`` their source's, ``"zero"`` none (as fresh units), ``"split"`` the source's
             rescaled to the gradients the split leaves them (first moments by the unit's share,
@@ -235,9 +236,16 @@ def widen(
         elif init == "firefly":
             ranking = torch.argsort(splitting_scores(model, group, batch, loss_fn), descending=True, stable=True)
             imap, fresh = _init.net2net(group, by, generator, float(noise), ranking)
-        elif init == "zero" and exact and _init.carry_kind(group) is not None:
-            _carry(model, group, by, optimizer, generator)
-            return tuple(range(n, n + by)), ()
+        elif init == "zero" and _init.carry_kind(group) is not None:
+            snapshot = Snapshot(model, optimizer)
+            try:
+                _carry(model, group, by, optimizer, generator)
+                return tuple(range(n, n + by)), ()
+            except EditError:
+                if exact:
+                    raise
+                snapshot.restore()  # exact=False: where the carry cannot be exact, the plain zero init
+            imap, fresh = _init.zero(group, by, generator)
         elif init == "zero":
             imap, fresh = _init.zero(group, by, generator)
         elif init == "random":
