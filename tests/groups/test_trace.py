@@ -344,7 +344,8 @@ def test_bad_input_gets_one_clear_error() -> None:
     with pytest.raises(an.EditError, match=where):
         an.unit_groups(model, (torch.randn(2, 4),))
     seed, _ = _build("seed")
-    with pytest.raises(an.EditError, match=r"'fc2' is not a unit group of Seed; nearest: fc1"):
+    fixed = r"\(its tensors are fixed: a model output\)"
+    with pytest.raises(an.EditError, match=rf"'fc2' is not a unit group of Seed {fixed}; nearest: fc1"):
         an.widen(seed, "fc2", 1)
     with pytest.raises(an.EditError, match="needs example inputs"):
         an.widen(gm.Seed(), "fc1", 1)

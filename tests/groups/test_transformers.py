@@ -176,3 +176,23 @@ def test_exact_false_still_carries_the_stream_and_falls_back_where_it_cannot() -
     an.widen(bert, STREAMS["bert"], 3, init="zero", optimizer=opt, exact=False)  # post-norm: plain zero, inexact
     assert _relative(_logits(bert, bert_ids), before) > 1e-6
     assert an.unit_groups(bert)[STREAMS["bert"]].size == 19
+
+
+def test_nn_transformer_encoder_widens_its_mlps_exactly_and_says_why_heads_and_stream_are_fixed() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(F64)
+    x = torch.randn(2, 5, 16, dtype=F64)
+    groups = an.unit_groups(model, (x,))
+    assert list(groups) == ["layers.0.linear1", "layers.1.linear1"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    for name in groups:
+        an.widen(model, name, 7, init="zero", optimizer=opt)
+        an.widen(model, name, 3, init="net2net", optimizer=opt)
+    with torch.no_grad():
+        assert _relative(model(x), before) <= 1e-12
+    with pytest.raises(an.EditError, match="is not a unit group of TransformerEncoder \\(its tensors are fixed: "):
+        an.widen(model, "layers.0.self_attn", 1)

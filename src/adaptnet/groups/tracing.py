@@ -566,8 +566,12 @@ def find_group(model: nn.Module, layer: Any, what: str) -> UnitGroup:
         if layer in groups:
             return groups[layer]
         near = difflib.get_close_matches(layer, names, n=3, cutoff=0.3) or names[:5]
-        raise EditError(f"{what}: {layer!r} is not a unit group of {type(model).__name__}; "
-                        f"nearest: {', '.join(near) if near else 'none (no groups)'}")
+        cached: Trace | None = model.__dict__.get(_CACHE)
+        why = sorted({reason for key, reason in (cached.fixed if cached is not None else {}).items()
+                      if key.startswith(layer + ".")})
+        raise EditError(f"{what}: {layer!r} is not a unit group of {type(model).__name__}"
+                        + (f" (its tensors are fixed: {'; '.join(why[:2])})" if why else "")
+                        + f"; nearest: {', '.join(near) if near else 'none (no groups)'}")
     if isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < len(names):
         return groups[names[layer]]
     raise EditError(
