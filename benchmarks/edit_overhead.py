@@ -166,11 +166,8 @@ def widen_measures(pair: Pair, kind: str, x: torch.Tensor, y: torch.Tensor) -> d
             for p, dim in touched:
                 for t in (p.detach(), p.grad, *(o.state[p][k] for k in ("exp_avg", "exp_avg_sq"))):
                     shape = list(t.shape)
-                    shape[dim] += BY
-                    out = t.new_empty(shape)
-                    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-                    out.narrow(dim, t.shape[dim], BY).zero_()
-                    new.append(out)
+                    shape[dim] = BY
+                    new.append(torch.cat([t, t.new_zeros(shape)], dim))  # the fastest copy found
         return timed(copy_once)
 
     out: dict[str, Callable[[], float]] = {"copy floor": floor}
