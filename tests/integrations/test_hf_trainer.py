@@ -129,3 +129,11 @@ def test_llama_config_follows_heads_and_layers() -> None:
     assert (c.num_key_value_heads, c.num_attention_heads, c.head_dim, c.num_hidden_layers) == (3, 6, 4, 3)
     rebuilt = transformers.LlamaForCausalLM(c)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_several_processes_are_refused_at_the_start() -> None:
+    from types import SimpleNamespace
+
+    cb = AdaptnetCallback(_policies())
+    with pytest.raises(ValueError, match="runs in one process; this run has 2"):
+        cb.on_train_begin(SimpleNamespace(world_size=2), None, None, model=gpt2())

@@ -74,6 +74,12 @@ class AdaptnetCallback(transformers.TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         assert model is not None
+        if getattr(args, "world_size", 1) > 1:
+            # The Trainer's DDP wrapper (accelerate's) holds the parameters and is not rebuilt after an
+            # edit; adaptnet's Trainer and the Lightning callback rebuild theirs.
+            raise ValueError(f"AdaptnetCallback for transformers.Trainer runs in one process; this run has "
+                             f"{args.world_size}. Under torchrun, train with adaptnet's Trainer or the Lightning "
+                             "callback (adaptnet.integrations.lightning), which rebuild the DDP wrapper after edits")
         if self.base_config is None:
             self.base_config = model.config.to_dict()  # type: ignore[union-attr,operator]
         inputs = self.example_inputs
