@@ -245,13 +245,13 @@ def test_deepen_refuses_a_block_that_is_not_residual() -> None:
 
 def test_trace_once_per_structure(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = [0]
-    real = tracing._graph_of
+    real = tracing.graph_of
 
     def counting(*args: Any) -> Any:
         calls[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(tracing, "_graph_of", counting)
+    monkeypatch.setattr(tracing, "graph_of", counting)
     model, x = gm.ResidualStack(), torch.randn(4, 5)
     an.unit_groups(model, (x,))
     an.widen(model, "stem", 8)  # a multiple of the units: exact under the blocks' LayerNorm

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from adaptnet.errors import EditError
 from adaptnet.groups._dims import Cat, Dims, Layout, Mul
+from adaptnet.groups._graph import graph_of
+from adaptnet.groups._refine import fix_inner_factors, fix_module_constraints, leaf_variables, reads_normalised
 from adaptnet.groups._rules import rule_for
-from adaptnet.groups._walk import Walk, _name, shape_of
+from adaptnet.groups._walk import Walk, shape_of
 from adaptnet.nn.groups import Layout as SliceLayout
 from adaptnet.nn.groups import Slice, UnitGroup
 from adaptnet.nn.protocols import DeclaresGroups, HasExampleInputs, HasSpec
@@ -86,72 +87,6 @@ def structure_key(model: nn.Module) -> tuple[Any, ...]:
     """Changes when modules are added, removed or replaced; not when tensors change shape."""
     return tuple((name, type(m)) for name, m in model.named_modules()) + tuple(
         name for name, _ in model.named_parameters()) + tuple(name for name, _ in model.named_buffers())
-
-
-def output_tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output (tuples, dicts, HF ModelOutput); other objects (caches) skipped."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in output_tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in output_tensors(v)]
-    return []
-
-
-def _graph_of(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, list[str]]:
-    """Trace ``model`` to an ATen graph; returns it and the names of its first inputs (its tensors).
-
-    The model is traced as a function of its parameters, buffers and inputs
-    (``torch.func.functional_call``) by ``make_fx`` on fake tensors at the pre-dispatch level
-    (the level of ``torch.export``: ``linear``, ``layer_norm`` and attention stay whole ops). It
-    sees aliases of the parameters, never the parameters themselves, so it leaves no weak
-    references on them (a tensor with weak references cannot be swapped, which is how edits
-    change a parameter's shape). Four times faster than ``torch.export`` on small models.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
-    names, tensors = [], []
-    for kind in (model.named_parameters, model.named_buffers):
-        for name, t in kind():
-            names.append(name)
-            tensors.append(t.detach())
-
-    def function(state: tuple[torch.Tensor, ...], args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
-        return tuple(output_tensors(torch.func.functional_call(model, dict(zip(names, state, strict=True)), args)))
-
-    model.eval()
-    try:
-        if use_cache:  # a Hugging Face model: a key/value cache is not part of the function
-            config.use_cache = False  # type: ignore[union-attr]
-        graph = make_fx(function, tracing_mode="fake", pre_dispatch=True)(tuple(tensors), example_inputs).graph
-        return graph, names
-    except Exception as err:
-        raise EditError(
-            f"adaptnet could not trace {type(model).__name__}{_where(model, err)} with the example inputs to find "
-            f"its unit groups: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Pass "
-            "example_inputs= that run the model's forward as in training, and avoid Python control flow that "
-            "depends on tensor values (or hand-declare the groups with a unit_groups() method)"
-        ) from err
-    finally:
-        if use_cache:
-            config.use_cache = use_cache  # type: ignore[union-attr]
-        for m, mode in modes:
-            m.training = mode
-
-
-def _where(model: nn.Module, err: BaseException) -> str:
-    """`` (in module 'blocks.1', Block)``: the innermost module of ``model`` whose code raised."""
-    names = {id(m): name for name, m in model.named_modules()}
-    found = None
-    tb = err.__traceback__
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in names and names[id(owner)]:
-            found = f" (in module {names[id(owner)]!r}, {type(owner).__name__})"
-        tb = tb.tb_next
-    return found or ""
 
 
 def _walk(graph: fx.Graph, names: list[str]) -> tuple[Walk, dict[str, fx.Node]]:
@@ -225,12 +160,12 @@ def _role(uses: list[tuple[str, int]]) -> tuple[str, float | None]:
 
 
 def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
-    graph, names = _graph_of(model, example_inputs)
+    graph, names = graph_of(model, example_inputs)
     walk, placeholders = _walk(graph, names)
     dims = walk.dims
-    _fix_module_constraints(model, walk, placeholders)
+    fix_module_constraints(model, walk, placeholders)
     dims.settle()
-    _fix_inner_factors(dims, [_tree(dims, x) for node in placeholders.values() for x in walk.env[node]])
+    fix_inner_factors(dims, [_tree(dims, x) for node in placeholders.values() for x in walk.env[node]])
     parts: dict[int, list[_Part]] = {}
     first_out: dict[int, tuple[int, str]] = {}
     fixed: dict[str, str] = {}
@@ -253,7 +188,7 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
                 if leaves.count(v) > 1 and not isinstance(tree, Cat):
                     dims.fixed[v] = f"units appear twice in {name}[{d}]"
                     continue
-                after_norm = role == "in" and _reads_normalised(walk.reads.get((name, d), []))
+                after_norm = role == "in" and reads_normalised(walk.reads.get((name, d), []))
                 parts.setdefault(v, []).append(_Part(name, d, tree, role, fill, after_norm))
                 if role == "out":
                     position = min((p for r, p in uses if r == "out"), default=1 << 30)
@@ -278,77 +213,11 @@ def _analyse(model: nn.Module, example_inputs: tuple[Any, ...]) -> Trace:
     products = [(tuple(_tree(dims, x) for x in out), tuple(_tree(dims, x) for x in summed))
                 for out, summed in walk.products]
     for out, summed in products:
-        sizes.update({v: dims.size(v) for x in out + summed for v in _leaves(x)})
+        sizes.update({v: dims.size(v) for x in out + summed for v in leaf_variables(x)})
     first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
     batch = int(first.shape[0]) if first is not None else 1
     return Trace(structure_key(model), example_inputs, groups, sizes, fixed, variables, roles, shapes, products,
                  batch)
-
-
-# Ops that keep a zero a zero and pass a value on unmixed: views, dropout, casts, scaling, and the
-# activations with f(0) = 0 (new channels reach a reader through relu(norm(x)) as zeros, too).
-_PASS_ZERO = frozenset({"view", "reshape", "_unsafe_view", "clone", "contiguous", "dropout", "native_dropout",
-                        "getitem", "alias", "detach", "_to_copy", "to", "type_as", "transpose", "permute", "t",
-                        "expand", "unsqueeze", "squeeze", "flatten", "mul", "relu", "gelu", "silu", "tanh",
-                        "leaky_relu", "elu", "selu", "hardtanh", "relu6", "hardswish", "mish"})
-
-
-def _reads_normalised(reads: list[fx.Node]) -> bool:
-    """Whether every value in ``reads`` is a norm's output, up to ops that keep zeros (``_PASS_ZERO``)."""
-    def normalised(node: Any) -> bool:
-        while isinstance(node, fx.Node) and node.op == "call_function":
-            name = _name(node)
-            if name in ("layer_norm", "native_layer_norm", "rms_norm"):
-                return True
-            if name == "mul":
-                return any(normalised(a) for a in node.args)
-            if name not in _PASS_ZERO or not node.args:
-                return False
-            node = node.args[0]
-        return False
-    return bool(reads) and all(normalised(r) for r in reads)
-
-
-def _fix_inner_factors(dims: Dims, trees: list[Layout]) -> None:
-    """A variable that only ever indexes inside another free variable's units (the head_dim of
-    heads, ``Mul(heads, head_dim)``, in attention written by hand) is not a group: code that
-    views into heads writes it down, and it sets the softmax scale."""
-    def free(v: int) -> bool:
-        return v not in dims.fixed and dims.size(v) > 1
-
-    inner_only: dict[int, bool] = {}
-
-    def visit(x: Layout, under_free: bool) -> None:
-        if isinstance(x, int):
-            if free(x):
-                inner_only[x] = inner_only.get(x, True) and under_free
-            return
-        if isinstance(x, Mul):
-            outer_free = False
-            for part in x.parts:
-                visit(part, under_free or outer_free)
-                # A single head is still the outer factor: its head_dim stays inside it.
-                outer_free = outer_free or any(v not in dims.fixed for v in _leaves(part))
-        else:
-            for part in x.parts:
-                visit(part, under_free)
-
-    for tree in trees:
-        visit(tree, False)
-    for v, inner in inner_only.items():
-        if inner:
-            dims.fixed[v] = "indexes inside another group's units (such as an attention head's head_dim)"
-
-
-def _fix_module_constraints(model: nn.Module, walk: Walk, placeholders: dict[str, fx.Node]) -> None:
-    """Constraints the graph cannot show: ``nn.MultiheadAttention`` asserts in Python that
-    ``num_heads * head_dim == embed_dim`` (the width of its input), so neither can change alone."""
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            for pname, _ in module.named_parameters(prefix=prefix):
-                node = placeholders.get(pname)
-                for layout in walk.env.get(node, []) if node is not None else []:
-                    walk.dims.fix(layout, "nn.MultiheadAttention needs num_heads * head_dim == embed_dim")
 
 
 # -- from a trace to UnitGroups for the model as it is now ----------------------------------------
@@ -375,7 +244,7 @@ def _current_sizes(model: nn.Module, trace: Trace) -> dict[int, int]:
             if g.var not in pending:
                 continue
             for part in g.parts:
-                others = [v for v in _leaves(part.tree) if v != g.var]
+                others = [v for v in leaf_variables(part.tree) if v != g.var]
                 if any(v in pending for v in others):
                     continue
                 b = _tree_size(part.tree, {**sizes, g.var: 0})
@@ -388,10 +257,6 @@ def _current_sizes(model: nn.Module, trace: Trace) -> dict[int, int]:
                             "with adaptnet.unit_groups(model, example_inputs=...)")
         pending -= solved
     return sizes
-
-
-def _leaves(tree: Layout) -> list[int]:
-    return [tree] if isinstance(tree, int) else [v for p in tree.parts for v in _leaves(p)]
 
 
 def _concrete(tree: Layout, var: int, sizes: Mapping[int, int]) -> SliceLayout:
