@@ -35,10 +35,11 @@ from torch import nn
 
 from adaptnet._tensor import set_parameter
 from adaptnet.edit._apply import apply_index_map
-from adaptnet.edit._probe import LossFn, backward_on
+from adaptnet.edit._probe import LossFn, backward_on, max_change, outputs_of
 from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.errors import EditError
+from adaptnet.groups import inputs_for
 from adaptnet.nn.groups import Slice, UnitGroup, unit_positions
 
 INITS = ("net2net", "firefly", "zero", "gradmax", "random")
@@ -138,6 +139,7 @@ def carry_kind(group: UnitGroup) -> str | None:
 
 
 def carry(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
+    """The index map and fresh values that carry the stream (module docstring); norms follow apart."""
     n, kind = group.size, carry_kind(group)
     fresh: dict[int, torch.Tensor] = {}
     for k, sl in enumerate(group.slices):
@@ -153,6 +155,38 @@ def carry(group: UnitGroup, by: int, generator: torch.Generator | None) -> Plan:
             fan_in = _fan_in(sl, n, by)
             fresh[k] = uniform(_fresh_shape(sl, by, n), 1 / math.sqrt(fan_in), sl.tensor, generator)
     return IndexMap.append(n, torch.full((by,), -1)), fresh
+
+
+# A carried stream must keep the outputs on the example inputs within this, relative to their largest
+# value: float rounding, not more. Float64 models may compute norms in float32 (Llama's RMSNorm does),
+# hence 1e-6 there; a stream the carry cannot keep changes by 1e-3 or more (post-norm BERT).
+_CARRY_TOLERANCE = {torch.float64: 1e-6}
+
+
+def carry_checked(model: nn.Module, group: UnitGroup, by: int, optimizer: torch.optim.Optimizer | None,
+                  generator: torch.Generator | None) -> None:
+    """Widen a residual stream with ``init="zero"`` (``carry``, then ``rescale_norms``), checked on
+    the example inputs: a stream that a norm does not guard (post-norm, BERT-style: the norm's output
+    *is* the stream) changes, and the edit is refused."""
+    inputs = inputs_for(model)
+    before = outputs_of(model, inputs)
+    imap, fresh = carry(group, by, generator)
+    apply_index_map(group, imap, fresh, optimizer, model)
+    rescale_norms(group, group.size, group.size + by)
+    change = max_change(before, outputs_of(model, inputs))
+    if change is None:
+        return  # the outputs changed shape: run_edit refuses the edit
+    scale = max((float(t.abs().max()) for t in before if t.numel()), default=1.0) or 1.0
+    dtype = before[0].dtype if before else torch.float32
+    if change / scale > _CARRY_TOLERANCE.get(dtype, 1e-5):
+        raise EditError(
+            f"init='zero' cannot keep the function of {group.name!r}: carrying the stream's "
+            f"{carry_kind(group)} into {by} new channels changed the outputs by {change / scale:.2g} "
+            "(relative). It is exact when the stream is read by norms and linear layers only (pre-norm "
+            "transformers); a norm whose output is the stream itself (post-norm, as in BERT), a per-channel op "
+            "before a norm (a depthwise conv, a layer scale) or a non-linear op on the raw stream cannot keep it. "
+            "Pass exact=False to widen anyway"
+        )
 
 
 def _owns_eps(module: nn.Module) -> bool:

@@ -37,10 +37,6 @@ Layer = int | str
 # Ops whose statistics stay the same when every unit is copied equally often.
 _MEAN_LIKE = frozenset({"layer_norm", "rms_norm", "group_norm", "mean", "mean_square", "var", "std", "var_mean",
                         "std_mean", "layer_norm without a scale", "rms_norm without a scale"})
-# A carried stream must keep the outputs on the example inputs within this, relative to their largest
-# value: float rounding, not more. Float64 models may compute norms in float32 (Llama's RMSNorm does),
-# hence 1e-6 there; a stream the carry cannot keep changes by 1e-3 or more (post-norm BERT).
-_CARRY_TOLERANCE = {torch.float64: 1e-6}
 
 
 def inexact_reason(group: UnitGroup, init: str, by: int) -> str | None:
@@ -124,32 +120,6 @@ def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Te
             "(view(b, -1, ...), chunk(2), view(b, t, -1, d))"
         )
     return outputs
-
-
-def _carry(model: nn.Module, group: UnitGroup, by: int, optimizer: Optimizer | None,
-           generator: torch.Generator | None) -> None:
-    """Widen a residual stream with ``init="zero"`` (``adaptnet.edit.init``: carry), checked on the
-    example inputs: a stream that a norm does not guard (post-norm, BERT-style: the norm's output
-    *is* the stream) changes, and the edit is refused."""
-    inputs = inputs_for(model)
-    before = outputs_of(model, inputs)
-    imap, fresh = _init.carry(group, by, generator)
-    apply_index_map(group, imap, fresh, optimizer, model)
-    _init.rescale_norms(group, group.size, group.size + by)
-    change = max_change(before, outputs_of(model, inputs))
-    if change is None:
-        return  # the outputs changed shape: run_edit refuses the edit
-    scale = max((float(t.abs().max()) for t in before if t.numel()), default=1.0) or 1.0
-    dtype = before[0].dtype if before else torch.float32
-    if change / scale > _CARRY_TOLERANCE.get(dtype, 1e-5):
-        raise EditError(
-            f"init='zero' cannot keep the function of {group.name!r}: carrying the stream's "
-            f"{_init.carry_kind(group)} into {by} new channels changed the outputs by {change / scale:.2g} "
-            "(relative). It is exact when the stream is read by norms and linear layers only (pre-norm "
-            "transformers); a norm whose output is the stream itself (post-norm, as in BERT), a per-channel op "
-            "before a norm (a depthwise conv, a layer scale) or a non-linear op on the raw stream cannot keep it. "
-            "Pass exact=False to widen anyway"
-        )
 
 
 def run_edit(
@@ -239,7 +209,7 @@ def widen(
         elif init == "zero" and _init.carry_kind(group) is not None:
             snapshot = Snapshot(model, optimizer)
             try:
-                _carry(model, group, by, optimizer, generator)
+                _init.carry_checked(model, group, by, optimizer, generator)
                 return tuple(range(n, n + by)), ()
             except EditError:
                 if exact:

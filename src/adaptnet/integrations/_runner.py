@@ -132,3 +132,19 @@ class PolicyRunner:
         self.history = {k: [float(v) for v in values] for k, values in state.get("history", {}).items()}
         self.events = [dict(e) for e in state.get("events", [])]
         self.decisions = int(state.get("decisions", 0))
+
+
+class RunsPolicies:
+    """What both callbacks show of their ``PolicyRunner`` (``self.runner``)."""
+
+    runner: PolicyRunner
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every edit so far, as adaptnet's ``events.jsonl`` records them."""
+        return self.runner.events
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """The series the policies read (one value per decision)."""
+        return self.runner.history

@@ -34,7 +34,7 @@ from torch import nn
 
 from adaptnet.edit import Edit
 from adaptnet.groups import ensure_traced, unit_groups, widths
-from adaptnet.integrations._runner import PolicyRunner, dist_from_process_group, owning_optimizer
+from adaptnet.integrations._runner import PolicyRunner, RunsPolicies, dist_from_process_group, owning_optimizer
 from adaptnet.nn.losses import LossFn
 from adaptnet.policy import Policy
 from adaptnet.train import _any_model
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 KEY = "adaptnet"
 
 
-class AdaptnetCallback(pl.Callback):
+class AdaptnetCallback(RunsPolicies, pl.Callback):
     """Let adaptnet's policies edit a LightningModule while ``lightning.Trainer`` trains it.
 
     Args:
@@ -69,15 +69,6 @@ class AdaptnetCallback(pl.Callback):
         self.example_inputs, self.module_name, self.monitor = example_inputs, module, monitor
         self.probe_size = probe_size
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        """Every edit so far, as adaptnet's ``events.jsonl`` records them."""
-        return self.runner.events
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        return self.runner.history
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The module the policies edit."""

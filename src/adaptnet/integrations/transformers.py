@@ -30,7 +30,7 @@ from torch import nn
 
 from adaptnet.groups import ensure_traced
 from adaptnet.integrations._hf_config import sync_config
-from adaptnet.integrations._runner import PolicyRunner, plain_optimizer
+from adaptnet.integrations._runner import PolicyRunner, RunsPolicies, plain_optimizer
 from adaptnet.nn.losses import LossFn
 from adaptnet.policy import Policy
 from adaptnet.train import _any_model
@@ -41,7 +41,7 @@ FILE = "adaptnet.json"
 __all__ = ["AdaptnetCallback", "from_pretrained", "sync_config"]
 
 
-class AdaptnetCallback(transformers.TrainerCallback):
+class AdaptnetCallback(RunsPolicies, transformers.TrainerCallback):
     """Let adaptnet's policies edit the model while ``transformers.Trainer`` trains it.
 
     Args:
@@ -61,14 +61,6 @@ class AdaptnetCallback(transformers.TrainerCallback):
         self.base_config: dict[str, Any] | None = None  # the config before any edit
         self.reasons: list[str] = []  # what the config cannot say about the model, after the last edit
         self._losses: list[float] = []
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return self.runner.events
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        return self.runner.history
 
     # -- the loop --------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
