@@ -90,7 +90,7 @@ def build_hf(m: HFModelConfig, info: TaskInfo) -> nn.Module:
         raise ConfigError("model.hf: needs transformers: pip install 'adaptnet[hf]'") from None
     causal = m.task == "causal_lm"
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
-    extra = {"num_labels": info.num_classes} if m.task == "sequence_classification" else {}
+    extra: dict[str, Any] = {"num_labels": info.num_classes} if m.task == "sequence_classification" else {}
     try:
         if isinstance(m.hf, str) and Path(m.hf).expanduser().is_dir():
             # A save_pretrained folder: its config and weights, never code (trust_remote_code stays False).
