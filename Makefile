@@ -4,9 +4,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 FUZZ_SECONDS ?= 180
 FUZZ_SEED ?= 0
+GPU_PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-distributed fuzz fuzz-edits fuzz-configs lint venv bench clean
+.PHONY: demo test test-distributed fuzz fuzz-edits fuzz-configs gpu-check lint venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,13 @@ fuzz-edits: venv
 # (`make test` runs a few of them). A failure prints the seed and the config that reproduces it.
 fuzz-configs: venv
 	$(BIN)/python tests/fuzz/fuzz_configs.py --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+# On a machine with an NVIDIA GPU: the `gpu` tests, then the early-exit, halting and MoE benchmarks on CUDA
+# (benchmarks/gpu_check.py; JSON, logs and a summary in benchmarks/results/gpu/). GPU_PYTHON is a Python whose
+# torch has CUDA, with adaptnet's dependencies and pytest (the venv above pins the CPU build of torch);
+# adaptnet comes from src/. Without a CUDA device it refuses in one line (exit 2). Not part of CI.
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"

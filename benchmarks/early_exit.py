@@ -36,14 +36,15 @@ median over repeats is reported, per sample):
              stopping at its exit (the same decisions as (b))
 
 Batches cycle through the shuffled test split. Speed-up = time of (a) / time of (b) or (c),
-in wall-clock; the CPU time of the timing thread is recorded too (on a shared, loaded machine
-it is the steadier of the two: time spent descheduled does not count).
+in wall-clock; a steady clock is recorded too: on the CPU the CPU time of the timing thread (on a
+shared, loaded machine it is the steadier of the two: time spent descheduled does not count), on
+CUDA (``--device cuda``) wall-clock read after synchronising the device, as every CUDA time here.
 The other criteria (entropy, patience) are calibrated the same way and reported without
-timings. Also reported: the CPU time per row of block 2 on 1 to 256 rows, and where (a) and (b)
-spend their CPU time at batch 64 (per block and head, by forward hooks; "other" is the rest: the
+timings. Also reported: the steady time per row of block 2 on 1 to 256 rows, and where (a) and (b)
+spend their steady time at batch 64 (per block and head, by forward hooks; "other" is the rest: the
 exit rule, the compaction, Python, freeing memory).
 
-Run: ``python benchmarks/early_exit.py`` (``--quick`` for a smoke run, ``--task``,
+Run: ``python benchmarks/early_exit.py`` (``--quick`` for a smoke run, ``--task``, ``--device``,
 ``--threads``, ``--repeats``, ``--out`` for the JSON path, ``--models DIR`` to keep the trained
 weights and time them again without training).
 """
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 
 from _early_exit_tasks import build
 from _teacher_student import RESULTS, finish, machine_info, render
+from _timing import DEVICE_HELP, device_info, device_option, steady_clock, steady_clock_name, synchronize
 from adaptnet.nn.early_exit import EarlyExit, calibrate_threshold
 from adaptnet.nn.flops import count_macs
 from adaptnet.train.trainer import Trainer
@@ -107,17 +109,21 @@ def batches(x: torch.Tensor, size: int, rows: int) -> list[torch.Tensor]:
     return [x[index[i:i + size]] for i in range(0, len(index), size)]
 
 
-def time_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], parts: list[torch.Tensor]) -> tuple[float, float]:
-    """Seconds per sample: wall-clock, and CPU time of this thread (what other processes on a
-    shared machine cannot inflate; with one intra-op thread all the work runs on it)."""
-    wall, cpu = time.perf_counter(), time.thread_time()
+def time_per_sample(fn: Callable[[torch.Tensor], torch.Tensor], parts: list[torch.Tensor],
+                    device: torch.device) -> tuple[float, float]:
+    """Seconds per sample: wall-clock, and the steady clock of ``device`` (``_timing.steady_clock``)."""
+    clock = steady_clock(device)
+    synchronize(device)
+    wall, steady = time.perf_counter(), clock()
     for part in parts:
         fn(part)
+    synchronize(device)
     rows = sum(p.shape[0] for p in parts)
-    return (time.perf_counter() - wall) / rows, (time.thread_time() - cpu) / rows
+    return (time.perf_counter() - wall) / rows, (clock() - steady) / rows
 
 
-def measure(model: EarlyExit, x: torch.Tensor, threshold: float, config: dict[str, Any]) -> dict[str, Any]:
+def measure(model: EarlyExit, x: torch.Tensor, threshold: float, config: dict[str, Any],
+            device: torch.device) -> dict[str, Any]:
     arms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "full": model.forward_full,
         "early": model,
@@ -132,55 +138,57 @@ def measure(model: EarlyExit, x: torch.Tensor, threshold: float, config: dict[st
         for fn in arms.values():  # warm-up (the first eval forward also measures the MACs per exit)
             fn(parts[0])
         wall: dict[str, list[float]] = {name: [] for name in arms}
-        cpu: dict[str, list[float]] = {name: [] for name in arms}
+        steady: dict[str, list[float]] = {name: [] for name in arms}
         for _ in range(config["repeats"]):
             for name, fn in arms.items():
-                w, c = time_per_sample(fn, rows[name])
+                w, c = time_per_sample(fn, rows[name], device)
                 wall[name].append(w)
-                cpu[name].append(c)
+                steady[name].append(c)
         median = {name: statistics.median(v) for name, v in wall.items()}
-        median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+        median_steady = {name: statistics.median(v) for name, v in steady.items()}
         out[str(size)] = {
             "rows": {name: sum(p.shape[0] for p in r) for name, r in rows.items()},
             "us_per_sample": {name: 1e6 * t for name, t in median.items()},
             "speedup_early_over_full": median["full"] / median["early"],
             "speedup_loop_over_full": median["full"] / median["loop"],
-            "cpu_us_per_sample": {name: 1e6 * t for name, t in median_cpu.items()},
-            "cpu_speedup_early_over_full": median_cpu["full"] / median_cpu["early"],
-            "cpu_speedup_loop_over_full": median_cpu["full"] / median_cpu["loop"],
+            "steady_us_per_sample": {name: 1e6 * t for name, t in median_steady.items()},
+            "steady_speedup_early_over_full": median_steady["full"] / median_steady["early"],
+            "steady_speedup_loop_over_full": median_steady["full"] / median_steady["loop"],
             "all_repeats_wall_us": {name: [round(1e6 * t, 3) for t in v] for name, v in wall.items()},
         }
     return out
 
 
-def block_cost_by_rows(model: EarlyExit, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Microseconds per row of the second block on ``r`` rows (random features): why leaving rows of
-    a small batch saves less than their FLOPs (a Linear on few rows reads its whole weight), or
-    does not (a convolution reuses each weight at every position)."""
-    block, shape = model.blocks[1], model.blocks[0](x[:1]).shape[1:]
-    inputs = {r: torch.randn(r, *shape, generator=torch.Generator().manual_seed(r)) for r in ROWS_PROBED}
+def block_cost_by_rows(model: EarlyExit, x: torch.Tensor, repeats: int, device: torch.device) -> dict[str, float]:
+    """Steady microseconds per row of the second block on ``r`` rows (random features): why leaving
+    rows of a small batch saves less than their FLOPs (a Linear on few rows reads its whole weight),
+    or does not (a convolution reuses each weight at every position)."""
+    block, shape, clock = model.blocks[1], model.blocks[0](x[:1]).shape[1:], steady_clock(device)
+    inputs = {r: torch.randn(r, *shape, generator=torch.Generator().manual_seed(r)).to(device) for r in ROWS_PROBED}
     times: dict[int, list[float]] = {r: [] for r in ROWS_PROBED}
     for _ in range(repeats):
         for r, h in inputs.items():  # interleaved: every repeat times every size
             calls = max(1, 256 // r)
-            start = time.thread_time()
+            start = clock()
             for _ in range(calls):
                 block(h)
-            times[r].append((time.thread_time() - start) / (calls * r))
+            times[r].append((clock() - start) / (calls * r))
     return {str(r): 1e6 * statistics.median(v) for r, v in times.items()}
 
 
-def cost_by_part(model: EarlyExit, x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
-    """CPU microseconds per sample that (a) and (b) spend in each block and head at batch 64 (forward
-    hooks), and outside them ("other": the exit rule, compaction, Python, freeing memory). Keys
-    "block i" and "head i" index ``model.blocks`` and ``model.heads`` (the table counts from 1)."""
+def cost_by_part(model: EarlyExit, x: torch.Tensor, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Steady microseconds per sample that (a) and (b) spend in each block and head at batch 64
+    (forward hooks; on CUDA each hook synchronises), and outside them ("other": the exit rule,
+    compaction, Python, freeing memory). Keys "block i" and "head i" index ``model.blocks`` and
+    ``model.heads`` (the table counts from 1)."""
     spent: dict[str, float] = {}
+    clock = steady_clock(device)
 
     def enter(name: str) -> Callable[..., None]:
-        return lambda module, inputs: spent.__setitem__(name, spent.get(name, 0.0) - time.thread_time())
+        return lambda module, inputs: spent.__setitem__(name, spent.get(name, 0.0) - clock())
 
     def leave(name: str) -> Callable[..., None]:
-        return lambda module, inputs, output: spent.__setitem__(name, spent[name] + time.thread_time())
+        return lambda module, inputs, output: spent.__setitem__(name, spent[name] + clock())
 
     handles = [hook for i, pair in enumerate(zip(model.blocks, model.heads, strict=True))
                for name, module in zip((f"block {i}", f"head {i}"), pair, strict=True)
@@ -192,10 +200,10 @@ def cost_by_part(model: EarlyExit, x: torch.Tensor, repeats: int) -> dict[str, d
             runs = []
             for _ in range(repeats):
                 spent.clear()
-                start = time.thread_time()
+                start = clock()
                 for part in parts:
                     fn(part)
-                runs.append({**spent, "other": time.thread_time() - start - sum(spent.values())})
+                runs.append({**spent, "other": clock() - start - sum(spent.values())})
             out[arm] = {k: 1e6 * statistics.median(r[k] for r in runs) / 1024 for k in runs[0]}
     finally:
         for handle in handles:
@@ -212,10 +220,12 @@ def head_macs(model: EarlyExit, x: torch.Tensor) -> list[int]:
     return out
 
 
-def run_task(name: str, config: dict[str, Any], models: Path | None) -> dict[str, Any]:
+def run_task(name: str, config: dict[str, Any], models: Path | None, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(0)
     data, model, described = build(name, config)
+    data = {split: (x.to(device), y.to(device)) for split, (x, y) in data.items()}
+    model.to(device)
     x, y = data["test"]
     classes = int(data["train"][1].max()) + 1
     # Training is deterministic (seed 0): ``--models`` keeps the weights, so that the timing can be
@@ -225,11 +235,11 @@ def run_task(name: str, config: dict[str, Any], models: Path | None) -> dict[str
     loaded = saved is not None and saved.exists()
     if loaded:
         assert saved is not None
-        model.load_state_dict(torch.load(saved, weights_only=True))
+        model.load_state_dict(torch.load(saved, map_location=device, weights_only=True))
     else:
         opt = torch.optim.Adam(model.parameters(), lr=config["lr"])
         trainer = Trainer(model, opt, F.cross_entropy, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=config["epochs"]), metrics=["accuracy"], batch_size=64, device="cpu", seed=0)
+            opt, T_max=config["epochs"]), metrics=["accuracy"], batch_size=64, device=device, seed=0)
         trainer.fit(data["train"], data["val"], epochs=config["epochs"])
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
@@ -258,9 +268,9 @@ def run_task(name: str, config: dict[str, Any], models: Path | None) -> dict[str
             }
         loop = loop_one_by_one(model, x, threshold)
         criteria["confidence"]["accuracy_loop"] = float((loop.argmax(dim=1) == y).double().mean())
-        timing = measure(model, x, threshold, config)
-        rows_cost = block_cost_by_rows(model, x, 2 * config["repeats"])
-        parts_cost = cost_by_part(model, x, config["repeats"])
+        timing = measure(model, x, threshold, config, device)
+        rows_cost = block_cost_by_rows(model, x, 2 * config["repeats"], device)
+        parts_cost = cost_by_part(model, x, config["repeats"], device)
     q = criteria["confidence"]
     targets = {  # issue 5: >= 50% of FLOPs saved at <= 1 point accuracy loss, >= 2x wall-clock at 64 and 256
         "flops_saved": 1 - q["flops_fraction"], "test_accuracy_drop": accuracy[-1] - q["accuracy"],
@@ -272,13 +282,13 @@ def run_task(name: str, config: dict[str, Any], models: Path | None) -> dict[str
                        "rows": {k: int(v[0].shape[0]) for k, v in data.items()},
                        "train_seconds": round(train_seconds, 1), "weights_loaded_from": str(saved) if loaded else None},
             "accuracy_per_exit": accuracy, "criteria": criteria, "timing": timing, "targets": targets,
-            "block_cpu_us_per_row_by_rows": rows_cost, "cpu_us_per_sample_by_part_batch_64": parts_cost}
+            "block_steady_us_per_row_by_rows": rows_cost, "steady_us_per_sample_by_part_batch_64": parts_cost}
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
+    m, steady = results["machine"], "CUDA-synced" if "gpu" in results["machine"] else "CPU"
     lines = [f"early_exit: torch {m['torch']}, threads {m['threads']}, CPUs {m['cpu_count']} "
-             f"({m['cpus_usable']} usable), {m['cpu']}"]
+             f"({m['cpus_usable']} usable), {m['cpu']}" + (f"; timed on {m['gpu']}" if "gpu" in m else "")]
     for name, r in results["tasks"].items():
         c, q = r["config"], r["criteria"]["confidence"]
         lines += ["", f"== {name}: {c['model']}, {c['epochs']} epochs ({c['train_seconds']} s); rows {c['rows']}; "
@@ -292,20 +302,20 @@ def table(results: dict[str, Any]) -> str:
                          f"{s['macs_ratio_vs_full_network']:.3f}"))
         lines += [*render(rows), ""]
         rows = [("batch", "(a) full us/sample", "(b) early us/sample", "(c) loop us/sample", "(b) speed-up",
-                 "(c) speed-up", "CPU-time speed-up (b), (c)")]
+                 "(c) speed-up", f"{steady}-time speed-up (b), (c)")]
         for size, t in r["timing"].items():
             us = t["us_per_sample"]
             rows.append((size, f"{us['full']:.1f}", f"{us['early']:.1f}", f"{us['loop']:.1f}",
                          f"{t['speedup_early_over_full']:.2f}x", f"{t['speedup_loop_over_full']:.2f}x",
-                         f"{t['cpu_speedup_early_over_full']:.2f}x, {t['cpu_speedup_loop_over_full']:.2f}x"))
+                         f"{t['steady_speedup_early_over_full']:.2f}x, {t['steady_speedup_loop_over_full']:.2f}x"))
         lines += render(rows)
         lines.append(f"confidence threshold {q['threshold']:.4g} (calibrated on validation, max drop "
                      f"{CALIBRATION_DROP:.1%}); speed-up from MACs alone: {1 / q['macs_ratio_vs_full_network']:.2f}x")
-        cost = r["block_cpu_us_per_row_by_rows"]
-        lines.append("block 2 CPU us per row, on " + ", ".join(f"{k} rows: {v:.1f}" for k, v in cost.items()))
-        by_part = r["cpu_us_per_sample_by_part_batch_64"]
+        cost = r["block_steady_us_per_row_by_rows"]
+        lines.append(f"block 2 {steady} us per row, on " + ", ".join(f"{k} rows: {v:.1f}" for k, v in cost.items()))
+        by_part = r["steady_us_per_sample_by_part_batch_64"]
         parts = [(f"{kind} {i}", f"{kind} {i + 1}") for i in range(c["blocks"]) for kind in ("block", "head")]
-        lines.append("batch 64, CPU us per sample in each part, (a) / (b): " + ", ".join(
+        lines.append(f"batch 64, {steady} us per sample in each part, (a) / (b): " + ", ".join(
             f"{label} " + " / ".join(f"{b[k]:.1f}" if k in b else "-" for b in (by_part["full"], by_part["early"]))
             for k, label in [*parts, ("other", "other")]))
         g = r["targets"]
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all",
                         help=f"which task (default all: {', '.join(DEFAULT_TASKS)})")
+    parser.add_argument("--device", type=device_option, default=torch.device("cpu"), help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; 2 with --quick)")
     parser.add_argument("--models", type=Path, default=None,
@@ -338,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     for name in DEFAULT_TASKS if args.task == "all" else [args.task]:
         config = {**TASKS[name], **base} if args.quick else {**base, **TASKS[name]}
-        tasks[name] = run_task(name, config, args.models)
+        tasks[name] = run_task(name, config, args.models, args.device)
     results: dict[str, Any] = {
         "benchmark": "early_exit",
         "command": " ".join(["python", "benchmarks/early_exit.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": {**machine_info(torch.get_num_threads()), **device_info(args.device)},
+        "steady_clock": steady_clock_name(args.device),
         "config": {"model": "EarlyExit: Linear+ReLU (MLP tasks) or Conv+ReLU (shifted) blocks, linear heads",
                    "optimizer": "Adam, cosine LR",
                    "batch_size_train": 64, "max_accuracy_drop": MAX_DROP,

@@ -27,9 +27,12 @@ the median over repeats is reported):
 
 Speed-ups are ratios of medians within the run. Arms that sample draw their own random
 numbers, so they are compared on samples/s and the steps they took, not on outputs.
+With ``--device cuda`` the models and the batch live on the GPU (the parity model still trains on
+the CPU) and every time is wall-clock read after synchronising the device; the steady column is
+then that same clock (on the CPU it is the CPU time of the timing thread).
 
-Run: ``python benchmarks/halting_throughput.py`` (``--quick`` for a smoke run, ``--repeats``,
-``--batch``, ``--fraction``, ``--parity-seconds``, ``--out``).
+Run: ``python benchmarks/halting_throughput.py`` (``--quick`` for a smoke run, ``--device``,
+``--repeats``, ``--batch``, ``--fraction``, ``--parity-seconds``, ``--out``).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _teacher_student import RESULTS, finish, machine_info, render
-from _timing import timed
+from _timing import DEVICE_HELP, device_info, device_option, steady_clock, steady_clock_name, timed
 from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
 from parity import DEFAULTS as PARITY_DEFAULTS
 from parity import ELEMENTS, SPLITS, fit, parity_data
@@ -63,8 +66,8 @@ def masked_loop(net: PonderNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     batch, n_max = x.shape[0], net.max_steps
     h = None
     survive = x.new_ones(batch)
-    done = torch.zeros(batch, dtype=torch.bool)
-    steps = torch.zeros(batch, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
     out: torch.Tensor | None = None
     for n in range(n_max):
         h, y, halt = net.step(x, h)
@@ -110,7 +113,7 @@ def calibrate(net: PonderNet, x: torch.Tensor, fraction: float) -> float:
 
 def gru512(hidden: int, max_steps: int, x: torch.Tensor, fraction: float, halt_scale: float) -> PonderNet:
     torch.manual_seed(0)
-    net = PonderNet(RecurrentStep(ELEMENTS, hidden, 2, cell="gru"), max_steps=max_steps).eval()
+    net = PonderNet(RecurrentStep(ELEMENTS, hidden, 2, cell="gru"), max_steps=max_steps).eval().to(x.device)
     net.step.halt.weight.mul_(halt_scale)  # spread the halting logits across samples
     calibrate(net, x, fraction)
     return net
@@ -139,14 +142,14 @@ def trained_parity(path: Path | None, seconds: float) -> tuple[PonderNet, dict[s
 
 def peers(net: PonderNet) -> dict[str, nn.Module]:
     """labml's ParityPonderGRU and pytorch-adaptive-computation-time's AdaptiveGRUCell at the size of
-    ``net``; arms whose package is missing are left out (the reason is printed)."""
-    hidden, found = net.step.sizes[1], {}
+    ``net``, on its device; arms whose package is missing are left out (the reason is printed)."""
+    hidden, found, device = net.step.sizes[1], {}, next(net.parameters()).device
     try:
         from labml_nn.adaptive_computation.ponder_net import ParityPonderGRU
     except ImportError as err:
         print(f"labml-nn not importable, arm left out: {err}")
     else:
-        labml = ParityPonderGRU(ELEMENTS, hidden, net.max_steps).eval()
+        labml = ParityPonderGRU(ELEMENTS, hidden, net.max_steps).eval().to(device)
         labml.gru.load_state_dict(net.step.cell.state_dict())
         labml.lambda_layer.load_state_dict(net.step.halt.state_dict())
         w, b = net.step.output.weight, net.step.output.bias
@@ -160,7 +163,7 @@ def peers(net: PonderNet) -> dict[str, nn.Module]:
         print(f"pytorch-adaptive-computation-time not importable, arm left out: {err}")
     else:
         pact = AdaptiveGRUCell(ELEMENTS, hidden, time_penalty=0.01, initial_halting_bias=float(net.step.halt.bias),
-                               time_limit=net.max_steps + 1).eval()  # it runs at most time_limit - 1 steps
+                               time_limit=net.max_steps + 1).eval().to(device)  # runs <= time_limit - 1 steps
         pact._halting_unit[0].weight.copy_(net.step.halt.weight)
         found["pact"] = pact
     return found
@@ -214,45 +217,46 @@ def compare(net: PonderNet, x: torch.Tensor) -> dict[str, Any]:
 
 
 def measure(net: PonderNet, x: torch.Tensor, repeats: int, inner: int) -> dict[str, Any]:
-    """Median wall-clock and CPU time (of this thread) per batch of every arm, interleaved."""
+    """Median wall-clock and steady time (``_timing.steady_clock``) per batch of every arm, interleaved."""
     timed_arms, steps_of = arms(net)
     for fn in timed_arms.values():  # warm-up
         fn(x)
+    clock = steady_clock(x.device)
     wall: dict[str, list[float]] = {name: [] for name in timed_arms}
-    cpu: dict[str, list[float]] = {name: [] for name in timed_arms}
+    steady: dict[str, list[float]] = {name: [] for name in timed_arms}
     for _ in range(repeats):
         for name, fn in timed_arms.items():
 
             def run(fn: Arm = fn, name: str = name) -> None:
-                start = time.thread_time()  # inside timed(), after its gc.collect()
+                start = clock()  # inside timed(), after its gc.collect() and synchronisation
                 for _ in range(inner):
                     fn(x)
-                cpu[name].append((time.thread_time() - start) / inner)
+                steady[name].append((clock() - start) / inner)
 
-            wall[name].append(timed(run) / inner)
+            wall[name].append(timed(run, device=x.device) / inner)
     median = {name: statistics.median(v) for name, v in wall.items()}
-    median_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+    median_steady = {name: statistics.median(v) for name, v in steady.items()}
     steps = {name: fn(x) for name, fn in steps_of.items()}
     return {
         "ms_per_batch": {k: round(1e3 * v, 3) for k, v in median.items()},
-        "cpu_ms_per_batch": {k: round(1e3 * v, 3) for k, v in median_cpu.items()},
+        "steady_ms_per_batch": {k: round(1e3 * v, 3) for k, v in median_steady.items()},
         "samples_per_s": {k: round(x.shape[0] / v, 1) for k, v in median.items()},
         "mean_steps": {k: None if v[0] is None else round(v[0], 3) for k, v in steps.items()},
         "loop_steps": {k: v[1] for k, v in steps.items()},
         "speedup_adaptnet_over_masked": median["masked"] / median["adaptnet"],
-        "cpu_speedup_adaptnet_over_masked": median_cpu["masked"] / median_cpu["adaptnet"],
+        "steady_speedup_adaptnet_over_masked": median_steady["masked"] / median_steady["adaptnet"],
         "speedup_adaptnet_over": {k: round(v / median["adaptnet"], 3) for k, v in median.items()},
-        "cpu_speedup_adaptnet_over": {k: round(v / median_cpu["adaptnet"], 3) for k, v in median_cpu.items()},
+        "steady_speedup_adaptnet_over": {k: round(v / median_steady["adaptnet"], 3) for k, v in median_steady.items()},
         "all_repeats_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in wall.items()},
-        "all_repeats_cpu_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in cpu.items()},
+        "all_repeats_steady_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in steady.items()},
     }
 
 
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
+    m, steady = results["machine"], "CUDA-synced" if "gpu" in results["machine"] else "CPU"
     lines = [f"halting_throughput: torch {m['torch']}, threads {m['threads']}, CPUs {m['cpu_count']} "
-             f"({m['cpus_usable']} usable), {m['cpu']}; load average {results['load_avg_at_start']} -> "
-             f"{results['load_avg_at_end']}"]
+             f"({m['cpus_usable']} usable), {m['cpu']}" + (f"; timed on {m['gpu']}" if "gpu" in m else "")
+             + f"; load average {results['load_avg_at_start']} -> {results['load_avg_at_end']}"]
     for name, r in results["models"].items():
         c = r["check"]
         lines += ["", f"== {name}: {r['description']}; batch {results['config']['batch']}, max_steps "
@@ -260,14 +264,14 @@ def table(results: dict[str, Any]) -> str:
                   f"adaptnet vs masked: mean steps {c['mean_steps']:.2f}, slowest sample {c['max_steps_in_batch']}, "
                   f"decisions differing {c['decisions_differ']}, max |output diff| {c['max_abs_output_diff']:.2e}",
                   f"steps histogram (1..{r['max_steps']}): {c['steps_histogram']}", ""]
-        rows = [("arm", "ms/batch", "CPU ms/batch", "samples/s", "mean steps", "loop steps",
-                 "adaptnet speed-up over it (wall, CPU)")]
+        rows = [("arm", "ms/batch", f"{steady} ms/batch", "samples/s", "mean steps", "loop steps",
+                 f"adaptnet speed-up over it (wall, {steady})")]
         t = r["timing"]
         for arm, ms in t["ms_per_batch"].items():
             mean = t["mean_steps"][arm]
-            rows.append((arm, f"{ms:.2f}", f"{t['cpu_ms_per_batch'][arm]:.2f}", f"{t['samples_per_s'][arm]:.0f}",
+            rows.append((arm, f"{ms:.2f}", f"{t['steady_ms_per_batch'][arm]:.2f}", f"{t['samples_per_s'][arm]:.0f}",
                          "-" if mean is None else f"{mean:.2f}", str(t["loop_steps"][arm]),
-                         f"{t['speedup_adaptnet_over'][arm]:.2f}x, {t['cpu_speedup_adaptnet_over'][arm]:.2f}x"))
+                         f"{t['speedup_adaptnet_over'][arm]:.2f}x, {t['steady_speedup_adaptnet_over'][arm]:.2f}x"))
         lines += render(rows)
     return "\n".join(lines)
 
@@ -275,6 +279,7 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--device", type=device_option, default=torch.device("cpu"), help=DEVICE_HELP)
     parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 9; 2 with --quick)")
     parser.add_argument("--fraction", type=float, default=0.4, help="gru512 mean steps / max_steps (default 0.4)")
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     started = time.perf_counter()
     x, _ = parity_data(args.batch, (1, ELEMENTS), torch.Generator().manual_seed(1))
+    x = x.to(args.device)
     hidden, halt_scale = (128 if args.quick else 512), 8.0
     models: dict[str, Any] = {}
     if args.models in ("gru512", "all"):
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "timing": measure(big, x, repeats, 1 if not args.quick else 2)}
     if args.models in ("parity", "all"):
         small, trained = trained_parity(args.parity_model, 30.0 if args.quick else args.parity_seconds)
+        small.to(args.device)
         with torch.inference_mode():
             models["parity"] = {"description": f"RecurrentStep(16, {small.step.sizes[1]}, 2, 'gru') trained on parity "
                                                f"(test accuracy {trained['test_accuracy']:.4f})",
@@ -313,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "halting_throughput",
         "command": " ".join(["python", "benchmarks/halting_throughput.py",
                              *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(torch.get_num_threads()), "load_avg_at_start": load_at_start,
+        "machine": {**machine_info(torch.get_num_threads()), **device_info(args.device)},
+        "steady_clock": steady_clock_name(args.device), "load_avg_at_start": load_at_start,
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
         "config": {"batch": args.batch, "repeats": repeats, "fraction": args.fraction, "quick": args.quick,
                    "inference_mode": True},

@@ -26,8 +26,11 @@
               assignments and tokens dropped; also the peer at its usual layout, one capacity group
               per sequence (8 sequences of N / 8 tokens).
 
+With ``--device cuda`` all three parts run on the GPU and every time is wall-clock read after
+synchronising the device.
+
 Run: ``python benchmarks/moe.py`` (``--quick`` for a smoke run, ``--only peer`` for (c) alone,
-``--threads``, ``--out``).
+``--device``, ``--threads``, ``--out``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _teacher_student import RESULTS, machine_info, render, write_json
+from _timing import DEVICE_HELP, device_info, device_option, timed
 from adaptnet.edit.experts import grow_experts
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.moe import MoE
@@ -65,12 +68,6 @@ def dense_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ne,end->nd", weight, y)
 
 
-def _time(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _time_pair(moe: MoE, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds of forward + backward: sorted dispatch, then dense (alternating)."""
 
@@ -83,18 +80,18 @@ def _time_pair(moe: MoE, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     sparse(), dense()  # warm up
     times: dict[str, list[float]] = {"sparse": [], "dense": []}
     for _ in range(repeats):
-        times["sparse"].append(_time(sparse))
-        times["dense"].append(_time(dense))
+        times["sparse"].append(timed(sparse, device=x.device))
+        times["dense"].append(timed(dense, device=x.device))
     return statistics.median(times["sparse"]), statistics.median(times["dense"])
 
 
-def dispatch(quick: bool) -> list[dict[str, Any]]:
+def dispatch(quick: bool, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for experts in (4, 16, 64):
         for top_k in (1, 2):
             torch.manual_seed(0)
-            moe = MoE(128, experts, 256, top_k=top_k)
-            x = torch.randn(1024 if quick else 4096, 128)
+            moe = MoE(128, experts, 256, top_k=top_k).to(device)
+            x = torch.randn(1024 if quick else 4096, 128).to(device)
             with torch.no_grad():
                 assert torch.allclose(moe(x), dense_forward(moe, x), atol=1e-5)
             s, d = _time_pair(moe, x, 3 if quick else 15)
@@ -135,7 +132,7 @@ def _peer_step(moe: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def peer(quick: bool) -> dict[str, Any]:
+def peer(quick: bool, device: torch.device) -> dict[str, Any]:
     """(c): lucidrains' ``mixture-of-experts`` against ``adaptnet.MoE``, same weights, same capacity."""
     try:
         from importlib.metadata import version
@@ -151,10 +148,11 @@ def peer(quick: bool) -> dict[str, Any]:
         # the peer's capacity factor counts slots per token, adaptnet's per assignment (top_k per token)
         theirs = PeerMoE(dim=dim, num_experts=experts, hidden_dim=hidden, activation=nn.ReLU,
                          second_policy_train="all", second_policy_eval="all", capacity_factor_train=2 * factor,
-                         capacity_factor_eval=2 * factor, loss_coef=1e-2)
-        ours = MoE(dim, experts, hidden, top_k=2, capacity_factor=factor, aux_loss_coef=1e-2, z_loss_coef=0.0)
+                         capacity_factor_eval=2 * factor, loss_coef=1e-2).to(device)
+        ours = MoE(dim, experts, hidden, top_k=2, capacity_factor=factor, aux_loss_coef=1e-2,
+                   z_loss_coef=0.0).to(device)
         _peer_from(theirs, ours)
-        x = torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(experts))
+        x = torch.randn(1, tokens, dim, generator=torch.Generator().manual_seed(experts)).to(device)
         grouped = x.reshape(8, tokens // 8, dim)  # the peer's usual layout: one capacity group per sequence
         with torch.no_grad():
             difference = float((theirs(x)[0] - ours(x)).abs().max())
@@ -171,7 +169,7 @@ def peer(quick: bool) -> dict[str, Any]:
         for r in range(repeats):
             names = list(arms)[r % len(arms):] + list(arms)[:r % len(arms)]  # rotate the order
             for name in names:
-                times[name].append(_time(arms[name]))
+                times[name].append(timed(arms[name], device=device))
         ratios = [p / o for p, o in zip(times["peer"], times["adaptnet"], strict=True)]
         ratios_grouped = [p / o for p, o in zip(times["peer, 8 groups"], times["adaptnet"], strict=True)]
         rows.append({
@@ -212,10 +210,10 @@ def _task(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return x[:4096], y[:4096], x[4096:], y[4096:]
 
 
-def growth_run(arm: str, top_k: int, seed: int, steps: int, grow_at: int) -> dict[str, Any]:
-    x, y, xv, yv = _task(seed)
+def growth_run(arm: str, top_k: int, seed: int, steps: int, grow_at: int, device: torch.device) -> dict[str, Any]:
+    x, y, xv, yv = (t.to(device) for t in _task(seed))
     torch.manual_seed(seed)
-    moe = MoE(8, 4 if arm == "4 experts from the start" else 2, 32, top_k=top_k)
+    moe = MoE(8, 4 if arm == "4 experts from the start" else 2, 32, top_k=top_k).to(device)
     opt = torch.optim.Adam(moe.parameters(), 3e-3)
     g = torch.Generator().manual_seed(seed)
     change, alive = None, None
@@ -264,32 +262,33 @@ ARMS = ("stay at 2 experts", "4 experts from the start", "grow, preserving (copy
         "grow, even split (preserve=False)")
 
 
-def growth(quick: bool) -> list[dict[str, Any]]:
+def growth(quick: bool, device: torch.device) -> list[dict[str, Any]]:
     steps, grow_at = (300, 100) if quick else (1500, 300)
-    return [growth_run(arm, k, seed, steps, grow_at) for k in (1, 2) for arm in ARMS for seed in range(3)]
+    return [growth_run(arm, k, seed, steps, grow_at, device) for k in (1, 2) for arm in ARMS for seed in range(3)]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["dispatch", "growth", "peer"], default=None, help="run one part")
+    parser.add_argument("--device", type=device_option, default=torch.device("cpu"), help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[str, Any] = {"machine": machine_info(args.threads), "quick": args.quick,
-                               "load_avg_at_start": [round(v, 2) for v in os.getloadavg()]}
+    results: dict[str, Any] = {"machine": {**machine_info(args.threads), **device_info(args.device)},
+                               "quick": args.quick, "load_avg_at_start": [round(v, 2) for v in os.getloadavg()]}
     parts = ("dispatch", "growth", "peer") if args.only is None else (args.only,)
     if "dispatch" in parts:
-        results["dispatch"] = dispatch(args.quick)
+        results["dispatch"] = dispatch(args.quick, args.device)
         table = [("experts", "top_k", "sorted dispatch ms", "dense ms", "dense / sorted")]
         table += [(str(r["experts"]), str(r["top_k"]), f"{r['sparse_ms']:.1f}", f"{r['dense_ms']:.1f}",
                    f"{r['speedup']:.2f}") for r in results["dispatch"]]
         print("\n".join(render(table)), end="\n\n")
     if "growth" in parts:
-        results["growth"] = growth_table(growth(args.quick))
+        results["growth"] = growth_table(growth(args.quick, args.device))
     if "peer" in parts:
-        results["peer"] = peer(args.quick)
+        results["peer"] = peer(args.quick, args.device)
         print(peer_table(results["peer"]))
     results["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     if args.only is not None and args.out.exists():  # one part rerun: keep the others' results
