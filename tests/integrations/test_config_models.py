@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from adaptnet.cli.main import main
@@ -59,6 +60,13 @@ def test_a_users_class_trains_resumes_and_inspects_with_trust(in_tmp: Path, caps
     assert main(["inspect", "run", "--trust-code"]) == 0
     out = capsys.readouterr().out
     assert "fc1" in out and "14" in out and "2 events" in out
+    assert main(["export", "run", "--format", "pt2"]) == 2  # the grown user class, rebuilt only with trust
+    assert "--trust-code" in capsys.readouterr().err and not (in_tmp / "run" / "model.pt2").exists()
+    assert main(["export", "run", "--format", "pt2", "--trust-code"]) == 0
+    assert "TwoLayer" in capsys.readouterr().out
+    program = torch.export.load(in_tmp / "run" / "model.pt2")
+    assert program.state_dict["fc1.weight"].shape == (14, 64)  # the grown width
+    assert program.module()(torch.randn(3, 64)).shape == (3, 10)  # the batch left free
     assert main(["report", "run"]) == 0
 
 

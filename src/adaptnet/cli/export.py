@@ -5,6 +5,8 @@ program by ``torch.onnx.export(..., dynamo=True)`` (the ``[export]`` extra). The
 in eval mode on an example batch whose shape comes from the checkpoint and the run's config (or
 ``--input-shape``), with the batch dimension left free where the model allows it. Before saying
 it is done, the command runs the written file on the example and compares it with the model.
+A run of a user's own class (``model.target``) is rebuilt from its config only with ``--trust-code``,
+as ``resume`` and ``inspect`` do.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", metavar="FILE", help="where to write (default: RUN_DIR/model.FORMAT)")
     parser.add_argument("--input-shape", metavar="SHAPE",
                         help="one input sample's shape, e.g. 64 or 1,8,8 (default: from the checkpoint and config)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="import the model.target that the run's config.yaml names (it runs that code)")
     return parser
 
 
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = str(args.format).lower()
     if fmt not in FORMATS:
         raise CLIError(f"--format {args.format!r}: must be one of {', '.join(FORMATS)}")
-    checkpoint, run_dir, model, _state, _skipped = locate(Path(args.path))
+    checkpoint, run_dir, model, _state, _skipped = locate(Path(args.path), args.trust_code)
     run_dir = run_dir if run_dir is not None else (Path(args.path) if (Path(args.path) / CONFIG).is_file() else None)
     out = Path(args.out) if args.out else (run_dir or checkpoint) / f"model.{fmt}"
     if out.is_dir():
