@@ -94,6 +94,25 @@ def test_moe_exports_with_fixed_capacity_buffers() -> None:
     assert "cond" in _higher_order(program)
 
 
+def test_moe_with_a_capacity_exports_with_a_free_batch() -> None:
+    """The capacity is an integer expression of the number of tokens: one program serves every batch
+    size, with the drops eager takes at that size."""
+    model, x = moe(2, 0.75)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    converted = torch.onnx.export(program, (x,), dynamo=True, verbose=False)
+    assert converted is not None
+    session = ort.InferenceSession(converted.model_proto.SerializeToString())
+    for batch in (2, 3, 7):
+        other = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(other)
+            got = program.module()(other)
+        assert model.last_stats is not None and model.last_stats.dropped > 0  # the capacity binds
+        assert (got - expected).abs().max().item() <= TOL
+        (out,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+        assert (torch.from_numpy(out) - expected).abs().max().item() <= TOL
+
+
 def test_exported_dropless_moe_runs_only_the_expert_a_token_chose() -> None:
     model, _ = moe(1, None)  # top-1 (Switch) gates, dropless
     one = torch.randn(1, 8)

@@ -106,7 +106,7 @@ def _first_line(err: BaseException) -> str:
 
 def export_program(model: nn.Module, x: torch.Tensor) -> tuple[torch.export.ExportedProgram, bool]:
     """``(program, batch_is_free)``: the batch dimension is left free when the model allows it
-    (an MoE with a capacity computes sizes from the batch, and is exported for this batch only)."""
+    (else the program is for the example's batch size only)."""
     batch = torch.export.Dim("batch")
     try:
         return torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), True

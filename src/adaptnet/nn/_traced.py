@@ -198,7 +198,10 @@ def _run_expert(chunk: torch.Tensor, used: torch.Tensor, params: tuple[torch.Ten
         return _expert(act, c, *p)
 
     def first_half(c: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
-        return F.pad(_expert(act, c[:half], *p), (0, 0, 0, capacity - half))
+        # rows by index, not c[:half] and a pad: with a capacity that depends on a free batch size,
+        # torch.export cannot prove floor(c / 2) <= c, which slicing and padding would guard on
+        rows = torch.arange(half, device=c.device)
+        return torch.zeros_like(c).index_copy(0, rows, _expert(act, c.index_select(0, rows), *p))
 
     def some(c: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
         if half == 0:

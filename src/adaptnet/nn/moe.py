@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -73,11 +74,14 @@ def _non_negative(name: str, value: Any) -> float:
 def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
     """``ceil(capacity_factor * tokens * top_k / num_experts)``, at least 1.
 
-    Float noise below 1e-9 (relative) is ignored before rounding up, so that a capacity
-    factor rescaled with the number of experts (``grow_experts``) gives the same integer.
+    Computed in integers, with the capacity factor as the nearest fraction of denominator at most
+    10^6: float noise does not change the result (a factor rescaled with the number of experts by
+    ``grow_experts`` gives the same integer), and a number of tokens that ``torch.export`` leaves
+    free (a ``SymInt``) gives an integer expression of it rather than a guard on its value.
     """
-    value = capacity_factor * tokens * top_k / num_experts
-    return max(1, math.ceil(value - 1e-9 * max(1.0, value)))
+    ratio = Fraction(capacity_factor).limit_denominator(10**6)
+    numerator, denominator = ratio.numerator * top_k, ratio.denominator * num_experts
+    return torch.sym_max(1, (numerator * tokens + denominator - 1) // denominator)
 
 
 @register_model
