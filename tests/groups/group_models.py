@@ -103,11 +103,12 @@ class Branches(nn.Module):
 
 
 class Attention(nn.Module):
-    """Hand-written attention with separate q/k/v (a head is one unit) and a fused-qkv variant."""
+    """Hand-written attention with separate q/k/v (a head is one unit) and a fused-qkv variant;
+    SDPA, or softmax(q k^T / sqrt(d)) v written by hand (``sdpa=False``)."""
 
-    def __init__(self, fused: bool, d: int = 16, heads: int = 4):
+    def __init__(self, fused: bool, d: int = 16, heads: int = 4, sdpa: bool = True):
         super().__init__()
-        self.heads, self.head_dim, self.fused = heads, d // heads, fused
+        self.heads, self.head_dim, self.fused, self.sdpa = heads, d // heads, fused, sdpa
         self.embed = nn.Embedding(11, d)
         if fused:
             self.qkv = nn.Linear(d, 3 * d)
@@ -124,7 +125,11 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
         q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(b, t, -1)
         return self.head(x + self.o(a))
 
 

@@ -132,6 +132,51 @@ def test_a_head_is_one_unit_in_q_k_v_and_the_output_projection() -> None:
         assert model.o.in_features == 20
 
 
+ONE_HEAD: dict[str, Callable[[int], nn.Module]] = {  # heads -> a model with head_dim 4, heads by view(b, t, -1, 4)
+    "matmul": lambda heads: gm.Attention(fused=False, d=4 * heads, heads=heads, sdpa=False),
+    "matmul-fused": lambda heads: gm.Attention(fused=True, d=4 * heads, heads=heads, sdpa=False),
+    "sdpa": lambda heads: gm.Attention(fused=False, d=4 * heads, heads=heads),
+    "sdpa-fused": lambda heads: gm.Attention(fused=True, d=4 * heads, heads=heads),
+    "unbind": lambda heads: gm.EagerAttention(d=4 * heads, head_dim=4),  # view(b, t, 3, -1, 4), matmul
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_HEAD))
+def test_one_head_written_by_hand_is_a_group_of_heads_as_several_are(name: str) -> None:
+    """The view's size-1 heads dim counts heads: one head gives the groups two heads give (the
+    heads, not head_dim, which the view writes down), and widening it adds heads, exactly."""
+    def build(heads: int) -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        model = ONE_HEAD[name](heads).to(F64)
+        x = torch.randn(3, 5, 4 * heads, dtype=F64) if name == "unbind" else torch.randint(0, 11, (3, 5))
+        an.unit_groups(model, (x,))
+        return model, x
+
+    def made_of(group: an.UnitGroup) -> list[tuple[str, int, str]]:
+        return sorted((f"{type(sl.module).__name__}.{sl.name}", sl.dim, sl.role) for sl in group.slices)
+
+    model, x = build(1)
+    two, _ = build(2)
+    heads_group = "qkv" if "fused" in name or name == "unbind" else "q"
+    groups = an.unit_groups(model)
+    assert list(groups) == list(an.unit_groups(two)) == ([heads_group] if name == "unbind" else ["embed", heads_group])
+    for group in groups:
+        assert made_of(groups[group]) == made_of(an.unit_groups(two)[group])
+    assert groups[heads_group].size == 1 and an.unit_groups(two)[heads_group].size == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)  # optimizer state exists before the edits
+    for group in groups:
+        for init in ("net2net", "zero"):
+            before = _out(model, x)
+            an.widen(model, group, 2, init=init, optimizer=opt, generator=torch.Generator().manual_seed(1))
+            assert _relative(_out(model, x), before) <= 1e-8, (group, init)
+            _in_sync(model, opt)
+            assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+            _in_sync(model, opt)
+    assert an.unit_groups(model)[heads_group].size == 5  # 1 + 2 + 2 heads of head_dim 4
+    assert model.o.in_features == 5 * 4
+
+
 def test_channels_of_grouped_convs_are_tied_across_groups() -> None:
     model, _ = _build("convs")
     an.widen(model, "c2", 2, init="net2net")  # a depthwise conv: its channels are the groups
@@ -298,14 +343,18 @@ def test_loading_into_a_different_model_names_the_first_differing_group(tmp_path
         an.load(tmp_path / "ck")
 
 
-def test_a_size_written_into_the_code_is_caught_and_undone() -> None:
+@pytest.mark.parametrize("heads", [4, 1])
+def test_a_size_written_into_the_code_is_caught_and_undone(heads: int) -> None:
     torch.manual_seed(0)
-    model, x = gm.FixedHeads(), torch.randn(2, 4, 16)  # 4 tokens: view(b, -1, 4, 4) takes 5 heads as 5 tokens
+    # 4 tokens: view(b, -1, heads, 4) takes one more head as more tokens (one head: as 8 tokens,
+    # which no longer traces into groups at all)
+    model, x = gm.FixedHeads(d=4 * heads, heads=heads), torch.randn(2, 4, 4 * heads)
     an.unit_groups(model, (x,))
     before = _out(model, x)
-    with pytest.raises(an.EditError, match=r"traced again, its unit groups differ.*no longer offered.*undone"):
+    with pytest.raises(an.EditError, match=r"(its unit groups differ|no longer traces as it did).*no longer offered"
+                                           r".*undone"):
         an.widen(model, "q", 1, init="zero", exact=False)
-    assert model.q.out_features == 16 and torch.equal(_out(model, x), before)
+    assert model.q.out_features == 4 * heads and torch.equal(_out(model, x), before)
     assert "q" not in an.unit_groups(model)  # a policy will not pick it again
     with pytest.raises(an.EditError, match="'q' is not a unit group"):
         an.prune(model, "q", keep=3)

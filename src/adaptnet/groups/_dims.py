@@ -13,6 +13,10 @@ Variables are *fixed* when their size cannot change: the model's inputs and outp
 created inside ``forward`` (``arange``, constants), ops the rules do not understand. A
 variable also records the ops that *mix* its units (a LayerNorm or a mean over them): such a
 group can be edited, but not every initialiser keeps the function there.
+
+A size-1 dimension carries no index (an ``unsqueeze``, a broadcast, a ``keepdim`` reduction), so
+products drop it, except where it counts units: one attention head (``_heads.py``). Such a
+variable is *one head*: kept as a factor, ``Mul(heads, head_dim)`` as with several heads.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Dims:
         self._defn: dict[int, Layout] = {}
         self.fixed: dict[int, str] = {}  # root -> why its size cannot change
         self.mixed: dict[int, set[str]] = {}  # root -> ops that mix its units
+        self.heads: set[int] = set()  # roots of size-1 variables that count heads: one head
 
     # -- variables ---------------------------------------------------------------------------
     def new(self, size: int, fixed: str | None = None) -> int:
@@ -56,6 +61,17 @@ class Dims:
         if fixed is not None:
             self.fixed[v] = fixed
         return v
+
+    def new_head(self) -> int:
+        """A variable for one attention head: size 1, yet a factor of the width it splits."""
+        v = self.new(1)
+        self.heads.add(v)
+        return v
+
+    def one_head(self, x: Layout) -> bool:
+        """Whether ``x`` is a variable of one head (``new_head``)."""
+        x = self.resolve(x)
+        return isinstance(x, int) and x in self.heads
 
     def find(self, v: int) -> int:
         root = v
@@ -140,15 +156,17 @@ class Dims:
             self.fixed.setdefault(a, self.fixed.pop(b))
         if b in self.mixed:
             self.mixed.setdefault(a, set()).update(self.mixed.pop(b))
+        if b in self.heads:
+            self.heads.add(a)
 
     def _factors(self, parts: list[Layout]) -> list[Layout]:
-        """Flatten nested products; size-1 factors carry no index and are dropped."""
+        """Flatten nested products; size-1 factors carry no index and are dropped, except one head."""
         out: list[Layout] = []
         for p in parts:
             r = self.resolve(p)
             if isinstance(r, Mul):
                 out += self._factors(list(r.parts))
-            elif self.size(r) != 1:
+            elif self.size(r) != 1 or self.one_head(r):
                 out.append(r)
         return out
 

@@ -33,14 +33,23 @@ def broadcast(w: Walk, node: fx.Node, inputs: Sequence[Any], role: str | None = 
         for d, x in enumerate(layout):
             if offset + d < 0 or w.dims.size(x) != shape[offset + d]:
                 continue  # a broadcast dim of size 1
-            slot = out[offset + d]
-            if slot is None:
-                out[offset + d] = x
-            else:
-                w.unify(slot, x, node)
+            _meet(w, node, out, offset + d, x)
             if role is not None and shape[offset + d] > 1:
                 w.use(arg, d, role)
     return [x if x is not None else w.dims.new(s, "broadcast") for x, s in zip(out, shape, strict=True)]
+
+
+def _meet(w: Walk, node: fx.Node, out: list[Layout | None], d: int, x: Layout) -> None:
+    """Put ``x`` in output slot ``d``: the first input there, then every other one unified with it.
+    One head (``Dims.new_head``) against another size-1 dim (a mask's, a bias shared by the heads)
+    is a broadcast, as it is with several heads: the head stays, unified with nothing."""
+    slot = out[d]
+    if slot is None:
+        out[d] = x
+    elif w.dims.one_head(slot) != w.dims.one_head(x) and w.dims.size(slot) == w.dims.size(x) == 1:
+        out[d] = slot if w.dims.one_head(slot) else x
+    else:
+        w.unify(slot, x, node)
 
 
 def _elementwise(role: str | None = None) -> Rule:
@@ -97,13 +106,8 @@ def _broadcast_layouts(w: Walk, node: fx.Node, layouts: list[list[Layout]], shap
     for layout in layouts:
         offset = len(shape) - len(layout)
         for d, x in enumerate(layout):
-            if w.dims.size(x) != shape[offset + d]:
-                continue
-            slot = out[offset + d]
-            if slot is None:
-                out[offset + d] = x
-            else:
-                w.unify(slot, x, node)
+            if w.dims.size(x) == shape[offset + d]:
+                _meet(w, node, out, offset + d, x)
     return [x if x is not None else w.dims.new(s, "broadcast") for x, s in zip(out, shape, strict=True)]
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from adaptnet.groups._dims import Cat, Layout, Mul
+from adaptnet.groups._heads import carried_ones
 from adaptnet.groups._walk import Out, Walk, _arg, _name, args, shape_of
 
 
@@ -27,7 +28,13 @@ def _reshape(w: Walk, node: fx.Node) -> Out:
     lx, out = w.lay(args(node)[0]), shape_of(node)
     if lx is None or out is None:
         return None
-    result = [w.dims.new(s) if s != 1 else w.dims.new(1, "size-1 dim") for s in out]
+    # A size-1 dim carries no index, unless it counts one attention head: split off here
+    # (``w.single_heads``), or carried over from the input (heads merged back, or a no-op view).
+    carried = carried_ones([w.dims.size(x) for x in lx], out)
+    result = [w.dims.new(s) if s != 1
+              else lx[carried[d]] if d in carried and w.dims.one_head(lx[carried[d]])
+              else w.dims.new_head() if (node, d) in w.single_heads
+              else w.dims.new(1, "size-1 dim") for d, s in enumerate(out)]
     w.unify(Mul(tuple(lx)), Mul(tuple(result)), node)
     return result
 

@@ -36,6 +36,8 @@ class Walk:
         # Every product (linear, matmul, conv, attention): its output dims and the dims it sums
         # over; multiply-accumulates are the product of their sizes, for any group sizes.
         self.products: list[tuple[list[Layout], list[Layout]]] = []
+        # (view node, output dim): the size-1 dims that count one attention head (``_heads.py``).
+        self.single_heads: set[tuple[fx.Node, int]] = set()
         self.position = 0
 
     # -- helpers for rules -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import fx, nn
 from adaptnet.errors import EditError
 from adaptnet.groups._dims import Cat, Dims, Layout, Mul
 from adaptnet.groups._graph import graph_of
+from adaptnet.groups._heads import single_heads
 from adaptnet.groups._refine import fix_inner_factors, fix_module_constraints, leaf_variables, reads_normalised
 from adaptnet.groups._rules import rule_for
 from adaptnet.groups._walk import Walk, shape_of
@@ -98,6 +99,7 @@ def _walk(graph: fx.Graph, names: list[str]) -> tuple[Walk, dict[str, fx.Node]]:
     param_of = {node.name: name for node, name in zip(inputs, names, strict=False)}
     dims = Dims()
     walk = Walk(dims)
+    walk.single_heads = single_heads(graph)
     placeholders: dict[str, fx.Node] = {}
     for node in graph.nodes:
         walk.position += 1
@@ -386,16 +388,20 @@ def verify_group(model: nn.Module, edited: str) -> str | None:
     try:
         again = _build(model, _analyse(model, inputs_for(model)))
     except EditError as err:
-        return f"it no longer traces as it did ({err})"
-    seen = {name: g.size for name, g in again.items() if g.size > 1 and name not in found.unusable}
-    if seen != expected:
+        # As wrong as groups that differ: one written head (view(b, -1, 1, d)) widened into two
+        # traces as heads inside the tokens, which no sizes solve.
+        failure = f"it no longer traces as it did ({err})"
+    else:
+        seen = {name: g.size for name, g in again.items() if g.size > 1 and name not in found.unusable}
+        if seen == expected:
+            # The first trace stays: it saw every group at its traced size (none was a single unit).
+            model.__dict__[_CACHE] = replace(found, verified=found.verified | {kind})
+            return None
         differ = sorted(set(seen.items()) ^ set(expected.items()))
-        found.unusable.add(edited)
-        found.fixed[edited] = "a size written into the model's code (an edit of it traced differently)"
-        return f"traced again, its unit groups differ from those edited ({differ[:4]}); {edited!r} is no longer offered"
-    # The first trace stays: it saw every group at its traced size (none was a single unit).
-    model.__dict__[_CACHE] = replace(found, verified=found.verified | {kind})
-    return None
+        failure = f"traced again, its unit groups differ from those edited ({differ[:4]})"
+    found.unusable.add(edited)
+    found.fixed[edited] = "a size written into the model's code (an edit of it traced differently)"
+    return f"{failure}; {edited!r} is no longer offered"
 
 
 def _kind(group: UnitGroup) -> frozenset[tuple[str, str, int, str]]:
