@@ -1,4 +1,5 @@
-"""The inference paths of EarlyExit, PonderNet, ACT and MoE that ``torch.export`` and ``torch.compile`` trace.
+"""The inference paths of EarlyExit, PonderNet, ACT and MoE that ``torch.export``, ``torch.compile``
+and ``adaptnet.unit_groups`` trace.
 
 The eager paths compact the batch: rows that have left are written out and dropped, which
 gives tensors whose size depends on the data (``torch.where(mask)``, ``.tolist()`` splits).
@@ -27,19 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._higher_order_ops.while_loop import while_loop
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils import _pytree as pytree
 
 from adaptnet.nn import _exit_rules as rules
 
 
-def tracing(module: nn.Module) -> bool:
-    """Take the traced path: an eval-mode forward that ``torch.export`` or ``torch.compile`` is tracing.
+def tracing(module: nn.Module, x: torch.Tensor) -> bool:
+    """Take the traced path: an eval-mode forward that ``torch.export`` or ``torch.compile`` is
+    tracing, or that runs on fake tensors (``adaptnet.unit_groups`` tracing a model that holds
+    this module, or any shape propagation), where data-dependent sizes cannot be read.
 
-    ``torch.compiler.is_compiling()`` is True under both (dynamo folds it to a constant, and
-    non-strict export sets it). Training mode keeps the eager code under ``torch.compile``:
-    its data-dependent sizes become graph breaks, which autograd handles as it always does.
+    ``torch.compiler.is_compiling()`` is True under export and compile (dynamo folds it to a
+    constant, and non-strict export sets it). Training mode keeps the eager code under
+    ``torch.compile``: its data-dependent sizes become graph breaks, which autograd handles as it
+    always does.
     """
-    return not module.training and torch.compiler.is_compiling()
+    return not module.training and (torch.compiler.is_compiling() or is_fake(x))
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

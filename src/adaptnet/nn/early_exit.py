@@ -141,7 +141,7 @@ class EarlyExit(nn.Module):
             self._exit_logits = logits
             return logits[-1]
         self._exit_logits = None
-        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+        if _traced.tracing(self, x):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
             self._last = None
             return _traced.early_exit(list(self.blocks), list(self.heads), self._criterion, self._threshold, x)
         return self._infer(x)

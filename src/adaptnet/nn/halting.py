@@ -152,7 +152,7 @@ class PonderNet(_Halting):
     def forward(self, x: torch.Tensor, h: State = None, **kwargs: Any) -> torch.Tensor:
         if self.training:
             return self._unrolled(x, h, kwargs)
-        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+        if _traced.tracing(self, x):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
             self._stash, self.last_steps, self.final_state = None, None, None
             return _traced.ponder(self.step, self.max_steps, self.mode == "sampled", x, h, kwargs)
         return self._halted(x, h, kwargs)
@@ -259,7 +259,7 @@ class ACT(_Halting):
         self._ponder: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, h: State = None, **kwargs: Any) -> torch.Tensor:
-        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+        if _traced.tracing(self, x):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
             self._ponder, self.last_steps, self.final_state = None, None, None
             return _traced.act(self.step, self.max_steps, self.eps, x, h, kwargs)
         batch = x.shape[0]

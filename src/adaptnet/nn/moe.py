@@ -192,7 +192,7 @@ class MoE(nn.Module):
         else:
             gates = top_logits.softmax(dim=-1)  # (N, k): renormalised over the chosen experts only
 
-        if _traced.tracing(self):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
+        if _traced.tracing(self, x):  # torch.export / torch.compile: fixed shapes, see adaptnet.nn._traced
             self._last, self._aux = None, None
             experts = (self.w1, self.b1, self.w2, self.b2)
             return _traced.moe(tokens, top_idx, gates, self.capacity(n), experts, self.act).reshape(x.shape)
