@@ -519,21 +519,14 @@ def unit_cap(group: an.UnitGroup) -> int:
 
 
 def _one_is_refused(group: an.UnitGroup) -> bool:
-    """The documented rule: a group of attention heads (units computed several entries at a time) or
-    of a grouped conv's groups is not pruned to 1 unit."""
-    heads = any(sl.role == "out" and sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size
-                for sl in group.slices)
+    """The documented rule: prune leaves one unit of a group unless one unit traces differently:
+    one group of a grouped conv (a plain conv then; refused before the edit) or one key/value head
+    shared by several query heads through Llama's repeat_kv (a broadcast then; the edit undone).
+    The latter's units have more rows in q_proj than in k_proj. One attention head is left."""
     grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
                   for sl in group.slices)
-    return heads or grouped
-
-
-def _one_is_special(group: an.UnitGroup) -> bool:
-    """Units of several entries (attention heads, flattened channels) or channels of a grouped conv:
-    the fuzzer keeps them at 2 or more (one unit is refused where ``_one_is_refused``)."""
-    wide = any(int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
-    grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups > 1 for sl in group.slices)
-    return wide or grouped
+    rows_per_unit = {int(sl.tensor.shape[sl.dim]) // group.size for sl in group.slices if sl.role == "out"}
+    return grouped or len(rows_per_unit) > 1
 
 
 def can_be_exact(group: an.UnitGroup, init: str, by: int) -> bool:
@@ -674,7 +667,7 @@ class Runner:
         rng, case = self.rng, self.case
         name, group, layer = self._pick()
         n = group.size
-        least = 2 if _one_is_special(group) else 1  # one head / one conv group: refused (see invalid requests)
+        least = 2 if _one_is_refused(group) else 1  # one conv group / key-value head: refused (see invalid requests)
         if n <= least:
             return self.widen() if n < unit_cap(group) else None
         how = rng.choice(["amount", "keep", "units"])
@@ -821,7 +814,7 @@ class Runner:
             add(f"widen({bad_name!r}, 2)", lambda: an.widen(model, bad_name, 2, optimizer=opt))
             add(f"prune({bad_name!r}, keep=1)", lambda: an.prune(model, bad_name, keep=1, optimizer=opt))
         if n > 1 and _one_is_refused(groups[name]):
-            add(f"prune({name!r}, keep=1) [one head or conv group]",
+            add(f"prune({name!r}, keep=1) [one conv group or key/value head]",
                 lambda: an.prune(model, name, keep=1, optimizer=opt))
         bad_index = rng.choice([len(names), -1, 1.5, True, None])
         add(f"widen(layer={bad_index!r}, 2)", lambda: an.widen(model, bad_index, 2, optimizer=opt))

@@ -318,3 +318,27 @@ class FixedHeads(nn.Module):
         q, k, v = (z.view(b, -1, self.heads, self.head_dim).transpose(1, 2) for z in (self.q(x), self.k(x), self.v(x)))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         return x + self.o(a.reshape(b, x.shape[1], -1))
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention written by hand: ``kv`` key/value heads, each shared by ``rep`` query
+    heads, repeated by ``expand`` and ``reshape`` (Hugging Face's ``repeat_kv``) or left to SDPA
+    (``enable_gqa=True``)."""
+
+    def __init__(self, kv: int = 2, rep: int = 2, head_dim: int = 4, d: int = 16, sdpa_gqa: bool = False):
+        super().__init__()
+        self.rep, self.head_dim, self.sdpa_gqa = rep, head_dim, sdpa_gqa
+        self.q = nn.Linear(d, kv * rep * head_dim)
+        self.k, self.v = nn.Linear(d, kv * head_dim), nn.Linear(d, kv * head_dim)
+        self.o = nn.Linear(kv * rep * head_dim, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (self.q(x), self.k(x), self.v(x)))
+        if self.sdpa_gqa:
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k, v = (z[:, :, None].expand(b, z.shape[1], self.rep, t, self.head_dim).reshape(b, -1, t, self.head_dim)
+                    for z in (k, v))
+            a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, t, -1))

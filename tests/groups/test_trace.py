@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -422,23 +423,73 @@ def test_macs_count_attention_products() -> None:
     assert macs(model) == an.count_macs(model, x) + attention
 
 
-def test_one_head_or_one_conv_group_is_not_left_by_a_prune() -> None:
-    """One attention head, or one group of a depthwise conv, traces like no heads (a plain conv):
-    the groups would change under the user's feet, so prune keeps two."""
+@pytest.mark.parametrize("name", list(ONE_HEAD))
+def test_heads_prune_to_one_head_which_trains_traces_again_and_widens_back_exactly(name: str) -> None:
+    """One head traces as several do, so a prune may leave one: the group stays offered (one unit,
+    found again by a new trace), training goes on, and widening adds heads back exactly."""
     torch.manual_seed(0)
-    attention, ids = gm.Attention(fused=False), torch.randint(0, 11, (2, 5))
-    heads = next(name for name, g in an.unit_groups(attention, (ids,)).items() if g.size == 4)
-    with pytest.raises(an.EditError, match="keep at least 2"):
-        an.prune(attention, heads, keep=1)
-    an.prune(attention, heads, keep=2)
+    model = ONE_HEAD[name](3).to(F64)
+    x = torch.randn(3, 5, 12, dtype=F64) if name == "unbind" else torch.randint(0, 11, (3, 5))
+    heads = "qkv" if "fused" in name or name == "unbind" else "q"
+    names = list(an.unit_groups(model, (x,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)
+    an.prune(model, heads, keep=1, optimizer=opt)
+    _in_sync(model, opt)
+    assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+    _in_sync(model, opt)
+    assert list(an.unit_groups(model)) == names and an.unit_groups(model)[heads].size == 1
+    again = an.unit_groups(copy.deepcopy(model), (x,))  # a new trace, as after a depth edit or a load
+    assert list(again) == names and again[heads].size == 1
+    for init in ("zero", "net2net"):
+        before = _out(model, x)
+        an.widen(model, heads, 1, init=init, optimizer=opt, generator=torch.Generator().manual_seed(1))
+        assert _relative(_out(model, x), before) <= 1e-8, init
+        _in_sync(model, opt)
+        assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+    assert an.unit_groups(model)[heads].size == 3 and model.o.in_features == 3 * 4
+
+
+def test_one_conv_group_is_not_left_by_a_prune() -> None:
+    """One group of a grouped (here depthwise) conv traces as a plain conv, whose channels are no
+    longer one group: the groups would change under the user's feet, so prune keeps two."""
+    torch.manual_seed(0)
     convs = gm.Convs()
     groups = an.unit_groups(convs, (torch.randn(2, 3, 16),))
     depthwise = next(name for name, g in groups.items() if any(sl.module is convs.dw for sl in g.slices))
-    with pytest.raises(an.EditError, match="keep at least 2"):
+    with pytest.raises(an.EditError, match=r"one group of a grouped convolution.*keep at least 2"):
         an.prune(convs, depthwise, keep=1)
     an.prune(convs, depthwise, keep=2)
     an.widen(convs, depthwise, 3, init="zero")
     assert convs.dw.groups == convs.dw.out_channels == 5
+
+
+def test_one_key_value_head_is_left_by_a_prune_only_where_it_traces_as_a_group() -> None:
+    """A key/value head repeated for its query heads by expand and reshape (Hugging Face's
+    repeat_kv) is, once alone, a size-1 dim read as a broadcast: the prune is undone. Shared by
+    SDPA (enable_gqa), one key/value head traces as several do, and the prune stands."""
+    x = torch.randn(3, 5, 16, dtype=F64)
+    torch.manual_seed(0)
+    model = gm.GroupedQuery().to(F64)
+    assert an.unit_groups(model, (x,))["q"].size == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(an.EditError, match=r"to 1 unit: traced again, its one unit is no unit group.*keep at least 2"):
+        an.prune(model, "q", keep=1, optimizer=opt)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    _in_sync(model, opt)
+    assert an.unit_groups(model)["q"].size == 2
+
+    torch.manual_seed(0)
+    model = gm.GroupedQuery(sdpa_gqa=True).to(F64)
+    an.unit_groups(model, (x,))
+    an.prune(model, "q", keep=1)
+    assert model.k.out_features == 4 and model.q.out_features == 8  # one key/value head, its two query heads
+    assert an.unit_groups(copy.deepcopy(model), (x,))["q"].size == 1
+    before = _out(model, x)
+    an.widen(model, "q", 1, init="zero")
+    assert _relative(_out(model, x), before) <= 1e-8 and model.q.out_features == 16
 
 
 def test_gradmax_where_its_probe_cannot_run_says_so_in_an_edit_error() -> None:

@@ -30,18 +30,25 @@ def test_text_and_windows() -> None:
         stdlib_text(10**12)
 
 
-def test_the_model_traces_into_the_groups_the_recipe_grows() -> None:
+@pytest.mark.parametrize("heads", [2, 1])
+def test_the_model_traces_into_the_groups_the_recipe_grows(heads: int) -> None:
+    """One head too: the heads group of one unit, as with several (not head_dim)."""
     torch.manual_seed(0)
-    model = TinyGPT(**START)
-    names = list(an.unit_groups(model, (torch.randint(0, 256, (2, 12)),)))
-    assert names == ["embed", "blocks.0.qkv", "blocks.0.fc"]
-    assert sizes(model) == {k: START[k] for k in ("layers", "d_model", "heads", "hidden")}
+    start = {**START, "heads": heads}
+    model = TinyGPT(**start)
+    groups = an.unit_groups(model, (torch.randint(0, 256, (2, 12)),))
+    assert list(groups) == ["embed", "blocks.0.qkv", "blocks.0.fc"] and groups["blocks.0.qkv"].size == heads
+    assert sizes(model) == {k: start[k] for k in ("layers", "d_model", "heads", "hidden")}
 
 
-@pytest.mark.parametrize("stage", ["mlp", "heads", "d_model", "depth", "mlp+heads+d_model+depth"])
-def test_each_growth_stage_keeps_the_function_and_carries_adamw(stage: str) -> None:
+@pytest.mark.parametrize(("stage", "heads"), [("mlp", 2), ("heads", 2), ("d_model", 2), ("depth", 2),
+                                              ("mlp+heads+d_model+depth", 2), ("heads", 1),
+                                              ("mlp+heads+d_model+depth", 1)])
+def test_each_growth_stage_keeps_the_function_and_carries_adamw(stage: str, heads: int) -> None:
+    """From 2 heads, and from one (``heads=[1, 3]``: one head grows into three, exactly)."""
     torch.manual_seed(1)
-    model = TinyGPT(**START).double()
+    start = {**START, "heads": heads}
+    model = TinyGPT(**start).double()
     x = torch.randint(0, 256, (3, 12))
     an.unit_groups(model, (x,))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -49,7 +56,7 @@ def test_each_growth_stage_keeps_the_function_and_carries_adamw(stage: str) -> N
         opt.zero_grad()
         lm_loss(model(x), x).backward()
         opt.step()
-    final = {**START, **{k: FINAL[k] for k in ("layers", "d_model", "heads", "hidden")
+    final = {**start, **{k: FINAL[k] for k in ("layers", "d_model", "heads", "hidden")
                          if {"layers": "depth", "d_model": "d_model", "heads": "heads", "hidden": "mlp"}[k] in stage}}
     with torch.no_grad():
         before = model(x)
@@ -119,7 +126,6 @@ def test_quick_run_results_hang_together(tmp_path: Path) -> None:
     (["grow_at=[0.5,0.2,0.7]"], "grow_at must give one increasing fraction"),
     (["layers=[4,2]"], "layers must be [start, final] with 1 <= start <= final"),
     (["steps=0"], "steps must be at least 1"),
-    (["heads=[1,4]"], "heads must start at 2 or more to grow"),
     (["heads=two"], "setting heads: expected a list of integers"),
 ])
 def test_bad_settings_exit_2_with_one_line(words: list[str], message: str, tmp_path: Path,
@@ -134,3 +140,4 @@ def test_settings_defaults_grow_2x64_into_4x128() -> None:
     s = LMSettings()
     assert (s.start()["layers"], s.start()["d_model"], s.final()["layers"], s.final()["d_model"]) == (2, 64, 4, 128)
     assert (s.seeds, s.grow, s.grow_at) == (5, ("mlp+heads", "d_model", "depth"), (0.2, 0.35, 0.5))
+    assert LMSettings(heads=(1, 4)).start()["heads"] == 1  # one head grows as several do

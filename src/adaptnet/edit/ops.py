@@ -27,7 +27,7 @@ from adaptnet.edit.optim import NEW_STATES, check_optimizer, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, inputs_for, trace, verify_group, widths
+from adaptnet.groups import find_group, inputs_for, trace, verify_group, verify_one_unit, widths
 from adaptnet.nn.groups import UnitGroup
 from adaptnet.nn.protocols import DeclaresGroups, InsertsBlocks
 
@@ -244,7 +244,9 @@ def prune(
     Give exactly one of ``amount`` (a fraction in (0, 1)), ``keep`` (units left) or
     ``units`` (indices to remove). With ``amount``/``keep`` the least important units go,
     by ``importance`` (``"magnitude"`` or ``"taylor"``). ``batch`` measures the output change
-    (and feeds ``taylor``, which also needs ``loss_fn``).
+    (and feeds ``taylor``, which also needs ``loss_fn``). One unit may be left (one attention head
+    too), except where one unit would trace differently: one group of a grouped convolution, or one
+    key/value head repeated by hand for its query heads (``EditError``, the model unchanged).
     """
     group = find_group(model, layer, "layer")
     n = group.size
@@ -272,11 +274,15 @@ def prune(
         n_remove = len(chosen)
     if n_remove >= n:
         raise EditError(f"pruning all {n} units of {group.name} would cut the network; keep at least 1")
-    if n - n_remove < 2 and _one_is_ambiguous(group):
+    if n - n_remove == 1 and _grouped_conv(group):
         raise EditError(
-            f"pruning {group.name} to 1 unit would leave one attention head or one group of a grouped "
-            "convolution, which the graph cannot tell from no heads (or a plain convolution): keep at least 2"
+            f"pruning {group.name} to 1 unit would leave one group of a grouped convolution, which then "
+            "traces as a plain convolution (its channels no longer one group): keep at least 2"
         )
+    # One unit is a size-1 dim, which a trace may read as no unit at all (one key/value head repeated
+    # by hand for its query heads): the group would vanish at the next trace. One attention head, or
+    # one flattened channel, traces as several do; the edit checks it by tracing again.
+    retrace_one = n - n_remove == 1 and _units_of_several_entries(group)
     if importance == "taylor" and chosen is None and batch is not None:
         if loss_fn is None:
             raise EditError("importance='taylor' with batch= needs loss_fn=")
@@ -293,18 +299,26 @@ def prune(
         keep_mask[removed] = False
         kept = keep_mask.nonzero().flatten()
         apply_index_map(group, IndexMap.keep(kept), {}, optimizer, model)
+        if retrace_one:
+            failure = verify_one_unit(model, group.name)
+            if failure is not None:
+                raise EditError(f"pruning {group.name} to 1 unit: {failure}; keep at least 2 (the edit is undone)")
         return (), tuple(removed)
 
     init = None if units is not None else importance
     return run_edit(model, optimizer, batch, body, op="prune", layer=group.layer, group=group.name, init=init)
 
 
-def _one_is_ambiguous(group: UnitGroup) -> bool:
-    """Units of several entries (attention heads) or the groups of a grouped convolution."""
-    wide = any(sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
-    grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
-                  for sl in group.slices)
-    return wide or grouped
+def _grouped_conv(group: UnitGroup) -> bool:
+    """The units are the groups of a grouped convolution (a depthwise conv's channels)."""
+    return any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
+               for sl in group.slices)
+
+
+def _units_of_several_entries(group: UnitGroup) -> bool:
+    """A unit spans several entries of some tensor: an attention head (head_dim rows), a key/value
+    head with its query heads, a flattened channel (H*W columns)."""
+    return any(sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
 
 
 def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, int]:

@@ -11,6 +11,7 @@ from adaptnet.groups.tracing import (
     trace,
     unit_groups,
     verify_group,
+    verify_one_unit,
     widths,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "trace",
     "unit_groups",
     "verify_group",
+    "verify_one_unit",
     "widths",
 ]

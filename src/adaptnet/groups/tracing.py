@@ -404,6 +404,34 @@ def verify_group(model: nn.Module, edited: str) -> str | None:
     return f"{failure}; {edited!r} is no longer offered"
 
 
+def verify_one_unit(model: nn.Module, name: str) -> str | None:
+    """After a prune leaves group ``name`` one unit: trace again and check that the group is still
+    there, made of the same tensor dims. One unit is a size-1 dim, and most size-1 dims carry no
+    index (an unsqueeze, a broadcast). One attention head is read as a head (``_heads.py``), and so
+    is one key/value head that SDPA shares with ``enable_gqa``, but not one repeated by hand for
+    its query heads (``expand`` and ``reshape``, Hugging Face's ``repeat_kv``): that group would
+    vanish at the next trace (a depth edit, a load) and never grow again. Returns what differs, or None.
+    """
+    if isinstance(model, DeclaresGroups):
+        return None
+    before = next(g for g in trace(model).groups if g.name == name)
+    try:
+        again = _analyse(model, inputs_for(model))
+    except EditError as err:
+        return f"it no longer traces ({err})"
+    after = next((g for g in again.groups if g.name == name), None)
+    if after is None:
+        return "traced again, its one unit is no unit group (a size-1 dim read as a broadcast)"
+
+    def dims(g: _Group) -> set[tuple[str, int, str]]:
+        return {(p.param, p.dim, p.role) for p in g.parts}
+
+    if dims(after) != dims(before):
+        differ = sorted(dims(after) ^ dims(before))
+        return f"traced again, its one unit is a group of other tensors ({differ[:4]})"
+    return None
+
+
 def _kind(group: UnitGroup) -> frozenset[tuple[str, str, int, str]]:
     """What a group is made of, whatever its place: (module class, tensor, dim, role) of its slices."""
     return frozenset((type(sl.module).__qualname__, sl.name, sl.dim, sl.role) for sl in group.slices)

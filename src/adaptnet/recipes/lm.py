@@ -111,8 +111,6 @@ class LMSettings:
             if (getattr(self, name)[0] != getattr(self, name)[1]) != (kind in kinds):
                 raise ValueError(f"{name} grows from {getattr(self, name)[0]} to {getattr(self, name)[1]}: "
                                  f"grow must list {kind!r} exactly when they differ")
-        if "heads" in kinds and self.heads[0] < 2:  # one head traces like no head dimension at all
-            raise ValueError(f"heads must start at 2 or more to grow, got {list(self.heads)}")
         if len(self.grow_at) != len(self.grow) or not all(0 < a < 1 for a in self.grow_at) \
                 or list(self.grow_at) != sorted(set(self.grow_at)):
             raise ValueError(f"grow_at must give one increasing fraction in (0, 1) per stage of grow, "
