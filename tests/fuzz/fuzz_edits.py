@@ -3,7 +3,8 @@
 Each case draws, from its seed, a model in float64 (adaptnet's ``AdaptiveMLP``/``AdaptiveCNN`` with
 residual blocks, or a user's model traced by adaptnet: an MLP class, a pre-norm residual stack in an
 ``nn.Sequential``, a conv net with BatchNorm and depthwise convs, a hand-written attention with
-``view(b, t, -1, head_dim)``, and a tiny Hugging Face GPT-2 or Llama when ``transformers`` imports),
+``view(b, t, -1, head_dim)``, a net around one of adaptnet's input-adaptive modules (EarlyExit,
+PonderNet, ACT, MoE), and a tiny Hugging Face GPT-2 or Llama when ``transformers`` imports),
 an optimizer adaptnet carries (SGD with momentum, Adam, AdamW, NAdam, RAdam, Adamax, RMSprop,
 Adagrad), then a random sequence of actions: training steps, widen (every init), prune (amount,
 keep, units; magnitude, taylor), deepen and remove_layer (by index on adaptnet's models, by block
@@ -212,6 +213,34 @@ class TinyLM(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class AroundAdaptive(nn.Module):
+    """stem -> relu -> an input-adaptive module (EarlyExit, PonderNet, ACT, MoE) -> up -> tanh -> down."""
+
+    def __init__(self, n_in: int, width: int, inner: nn.Module, inner_out: int, hidden: int, n_out: int):
+        super().__init__()
+        self.stem, self.inner = nn.Linear(n_in, width), inner
+        self.up, self.down = nn.Linear(inner_out, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(self.inner(torch.relu(self.stem(x))))))
+
+
+def _adaptive(rng: random.Random, width: int) -> tuple[nn.Module, int]:
+    """A random input-adaptive module reading ``width`` features, and its output width."""
+    which, out = rng.choice(["early_exit", "pondernet", "act", "moe"]), rng.randint(2, 5)
+    if which == "early_exit":
+        hidden = [rng.randint(2, 8) for _ in range(rng.randint(1, 3))]
+        # a threshold among the confidences of `out` classes: some rows leave early, some do not
+        return an.EarlyExit.mlp(width, hidden, out, threshold=rng.uniform(1 / out, 1.0)), out
+    if which == "moe":
+        return an.MoE(width, rng.randint(2, 4), rng.randint(2, 8), top_k=rng.randint(1, 2),
+                      capacity_factor=rng.choice([None, 0.75, 1.25])), width
+    step = an.RecurrentStep(width, rng.randint(2, 8), out)
+    with torch.no_grad():
+        step.halt.weight.mul_(4.0)  # halting differs per row
+    return (an.PonderNet(step, max_steps=4) if which == "pondernet" else an.ACT(step, max_steps=4)), out
+
+
 # -- cases --------------------------------------------------------------------------------------
 def _lm_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
     logits = out.logits if hasattr(out, "logits") else out
@@ -290,6 +319,11 @@ def build_model(case: Case, rng: random.Random, kinds: list[str]) -> None:
         case.model = ConvNet(n_in, c, [rng.randint(1, 8) for _ in range(rng.randint(1, 2))], classes)
         case.x, case.y = torch.randn(batch, n_in, side, side), torch.randint(0, classes, (batch,))
         case.loss_fn, case.stacks = F.cross_entropy, ["blocks"]
+    elif kind == "user-adaptive":
+        n_in, n_out, width = rng.randint(2, 6), rng.randint(1, 3), rng.randint(2, 8)
+        inner, inner_out = _adaptive(rng, width)
+        case.model = AroundAdaptive(n_in, width, inner, inner_out, rng.randint(1, 12), n_out)
+        case.x, case.y, case.loss_fn = torch.randn(batch, n_in) * 2, torch.randn(batch, n_out), F.mse_loss
     elif kind == "user-attention":
         vocab, head_dim, heads, t = rng.randint(5, 12), rng.choice([2, 4]), rng.randint(1, 4), rng.randint(2, 6)
         sdpa = rng.random() < 0.5
@@ -1035,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = 180.0
     torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared machine
     kinds = ["own-mlp", "own-mlp", "own-cnn", "own-cnn", "user-mlp", "user-stack", "user-stack", "user-conv",
-             "user-conv", "user-attention", "user-attention"]
+             "user-conv", "user-attention", "user-attention", "user-adaptive"]
     if _hf_available():
         kinds += ["hf-gpt2", "hf-llama"]
     if args.kind:

@@ -6,50 +6,24 @@ the cpu cases run everywhere and keep the comparisons themselves honest."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from adaptive_models import BUILD
 from torch import nn
 
 import adaptnet as an
 from adaptnet.edit.experts import grow_experts
 from adaptnet.nn.early_exit import EarlyExit
-from adaptnet.nn.halting import ACT, PonderNet, RecurrentStep
+from adaptnet.nn.halting import ACT, PonderNet
 from adaptnet.nn.losses import adaptive_loss
 from adaptnet.nn.moe import MoE
 from adaptnet.train.trainer import Trainer
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _early_exit() -> tuple[nn.Module, torch.Tensor]:
-    model = EarlyExit.mlp(6, [16, 16, 16], 4).double()
-    x = torch.randn(64, 6, dtype=torch.float64) * 3
-    with torch.no_grad():  # rows leave at different exits: the threshold is exit 0's median confidence
-        model.threshold = float(model.exit_logits(x)[0].softmax(dim=1).amax(dim=1).median())
-    return model, x
-
-
-def _halting(kind: type[PonderNet] | type[ACT], bias: float) -> tuple[nn.Module, torch.Tensor]:
-    model = kind(RecurrentStep(6, 16, 3), max_steps=8).double()
-    with torch.no_grad():  # halting differs per row
-        model.step.halt.weight.mul_(6.0)
-        model.step.halt.bias.fill_(bias)
-    return model, torch.randn(64, 6, dtype=torch.float64)
-
-
-BUILD: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
-    "early_exit": _early_exit,
-    "pondernet": lambda: _halting(PonderNet, 0.0),
-    "act": lambda: _halting(ACT, 0.5),
-    "moe": lambda: (MoE(8, 4, 16, top_k=2).double(), torch.randn(4, 8, 8, dtype=torch.float64)),
-    "moe_capacity": lambda: (MoE(8, 4, 16, top_k=2, capacity_factor=1.0).double(),
-                             torch.randn(4, 8, 8, dtype=torch.float64)),
-}
 
 
 def _decisions(model: nn.Module) -> Any:
@@ -130,3 +104,4 @@ def test_trainer_grows_by_the_gradient_probe_and_resumes_on_the_device(device: s
     assert restored.widths == grown.widths
     with torch.no_grad():
         torch.testing.assert_close(restored(x), grown(x.to(device)).cpu(), rtol=1e-5, atol=1e-6)
+

@@ -25,7 +25,7 @@ from adaptnet.nn import _exit_rules as rules
 from adaptnet.nn import _traced
 from adaptnet.nn.activations import ACTIVATIONS, make_activation
 from adaptnet.nn.flops import count_macs
-from adaptnet.nn.losses import LossFn
+from adaptnet.nn.losses import KeepsForwardState, LossFn
 from adaptnet.nn.registry import register_model
 from adaptnet.nn.serialize import module_from_spec, module_spec
 
@@ -63,7 +63,7 @@ class ExitStats:
 
 
 @register_model
-class EarlyExit(nn.Module):
+class EarlyExit(KeepsForwardState):
     """Blocks with an exit head after each; eval-mode inference leaves as early as the rule allows.
 
     Args:
@@ -86,6 +86,8 @@ class EarlyExit(nn.Module):
     it would get alone. Blocks and heads must be serialisable by
     ``adaptnet.nn.serialize.module_spec`` for ``spec()`` (checkpoints).
     """
+
+    forward_state = ("_exit_logits",)
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adaptnet.nn import _traced
-from adaptnet.nn.losses import per_sample_loss
+from adaptnet.nn.losses import KeepsForwardState, per_sample_loss
 from adaptnet.nn.registry import register_model
 from adaptnet.nn.serialize import module_from_spec, module_spec
 
@@ -87,8 +87,11 @@ def _halting(halt_logit: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(halt_logit.reshape(halt_logit.shape[0]))
 
 
-class _Halting(nn.Module):
+class _Halting(KeepsForwardState):
     """What PonderNet and ACT share: the step, its limits, statistics and spec."""
+
+    # PonderNet's outputs and halting probabilities, ACT's ponder cost, the expected final state
+    forward_state = ("_stash", "_ponder", "final_state")
 
     def __init__(self, step: nn.Module, max_steps: int):
         super().__init__()

@@ -15,11 +15,26 @@ it stashed during its last forward pass in training mode:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class KeepsForwardState(nn.Module):
+    """A module that keeps what its last forward computed for the loss and the caller (the loss
+    terms ``adaptive_loss`` reads, a halting model's final state: graph tensors in training), in the
+    attributes named in ``forward_state``. A copy or a pickle leaves them out: ``copy.deepcopy``
+    cannot copy a tensor that is not a graph leaf (a deepcopy of a model after a training step, for
+    an EMA or a best-so-far snapshot, would raise), and a copy has run no forward."""
+
+    forward_state: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        return {**state, **{name: None for name in self.forward_state if name in state}}
 
 
 def adaptive_loss(model: nn.Module, loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from adaptnet.nn import _traced
 from adaptnet.nn.activations import ACTIVATIONS, make_activation
 from adaptnet.nn.groups import Slice, UnitGroup
+from adaptnet.nn.losses import KeepsForwardState
 from adaptnet.nn.registry import register_model
 
 SPEC_FORMAT = 1
@@ -85,7 +86,7 @@ def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts
 
 
 @register_model
-class MoE(nn.Module):
+class MoE(KeepsForwardState):
     """Mixture of experts ``(..., dim) -> (..., dim)`` with top-k routing.
 
     Args:
@@ -111,6 +112,8 @@ class MoE(nn.Module):
     forward, ``aux_loss()`` returns both losses (the Trainer adds it by itself); every
     forward sets ``last_stats`` (an ``MoEStats``). Only the last forward is remembered.
     """
+
+    forward_state = ("_aux",)
 
     def __init__(
         self,
