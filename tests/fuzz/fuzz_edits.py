@@ -448,6 +448,7 @@ def check_state(case: Case) -> None:
         check_dtype_device(case.model, F64)
     except AssertionError as err:
         raise Failure(f"after the action: {err}") from err
+    check_heads(case)
     model, optimizer = copy.deepcopy((case.model, case.optimizer))
     try:
         loss = train_step(model, optimizer, case)
@@ -455,6 +456,26 @@ def check_state(case: Case) -> None:
         raise Failure(f"a training step after the action fails: {type(err).__name__}: {err}") from err
     if not math.isfinite(loss):
         raise Failure(f"a training step after the action gives a loss of {loss}")
+
+
+def check_heads(case: Case) -> None:
+    """A Llama's attention in every layer is one heads group whatever its key/value heads, one
+    (multi-query) included: a unit is a key/value head with its query heads. Checked in the groups
+    edits use and in a new trace of a copy (as after a depth edit or a load), where one key/value
+    head once read as a broadcast and its group vanished."""
+    if case.kind != "hf-llama":
+        return
+    model = case.model
+    traced_again = an.unit_groups(copy.deepcopy(model), (case.x,))
+    for where, groups in (("", an.unit_groups(model)), (" traced again", traced_again)):
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            kv_heads = attn.k_proj.out_features // attn.head_dim
+            group = groups.get(f"model.layers.{i}.self_attn.q_proj")
+            if group is None or group.size != kv_heads:
+                raise Failure(f"layer {i}'s attention ({kv_heads} key/value heads of "
+                              f"{attn.q_proj.out_features // attn.head_dim} query heads){where} is "
+                              f"{'no unit group' if group is None else f'a group of {group.size} units'}")
 
 
 def check_module_sizes(model: nn.Module) -> None:
@@ -554,13 +575,11 @@ def unit_cap(group: an.UnitGroup) -> int:
 
 def _one_is_refused(group: an.UnitGroup) -> bool:
     """The documented rule: prune leaves one unit of a group unless one unit traces differently:
-    one group of a grouped conv (a plain conv then; refused before the edit) or one key/value head
-    shared by several query heads through Llama's repeat_kv (a broadcast then; the edit undone).
-    The latter's units have more rows in q_proj than in k_proj. One attention head is left."""
-    grouped = any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
-                  for sl in group.slices)
-    rows_per_unit = {int(sl.tensor.shape[sl.dim]) // group.size for sl in group.slices if sl.role == "out"}
-    return grouped or len(rows_per_unit) > 1
+    one group of a grouped conv (a plain conv then; refused before the edit). One attention head is
+    left, and so is one key/value head with its query heads (Llama's repeat_kv, SDPA's enable_gqa),
+    which traces as several do (``check_heads``)."""
+    return any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
+               for sl in group.slices)
 
 
 def can_be_exact(group: an.UnitGroup, init: str, by: int) -> bool:
@@ -701,7 +720,7 @@ class Runner:
         rng, case = self.rng, self.case
         name, group, layer = self._pick()
         n = group.size
-        least = 2 if _one_is_refused(group) else 1  # one conv group / key-value head: refused (see invalid requests)
+        least = 2 if _one_is_refused(group) else 1  # one conv group: refused (see invalid requests)
         if n <= least:
             return self.widen() if n < unit_cap(group) else None
         how = rng.choice(["amount", "keep", "units"])
@@ -848,7 +867,7 @@ class Runner:
             add(f"widen({bad_name!r}, 2)", lambda: an.widen(model, bad_name, 2, optimizer=opt))
             add(f"prune({bad_name!r}, keep=1)", lambda: an.prune(model, bad_name, keep=1, optimizer=opt))
         if n > 1 and _one_is_refused(groups[name]):
-            add(f"prune({name!r}, keep=1) [one conv group or key/value head]",
+            add(f"prune({name!r}, keep=1) [one conv group]",
                 lambda: an.prune(model, name, keep=1, optimizer=opt))
         bad_index = rng.choice([len(names), -1, 1.5, True, None])
         add(f"widen(layer={bad_index!r}, 2)", lambda: an.widen(model, bad_index, 2, optimizer=opt))

@@ -323,11 +323,13 @@ class FixedHeads(nn.Module):
 class GroupedQuery(nn.Module):
     """Grouped-query attention written by hand: ``kv`` key/value heads, each shared by ``rep`` query
     heads, repeated by ``expand`` and ``reshape`` (Hugging Face's ``repeat_kv``) or left to SDPA
-    (``enable_gqa=True``)."""
+    (``enable_gqa=True``); ``kv=1`` is multi-query attention. ``matmul``: the repeated heads go to
+    ``q @ k^T`` and ``weights @ v`` (Hugging Face's eager attention), not to SDPA."""
 
-    def __init__(self, kv: int = 2, rep: int = 2, head_dim: int = 4, d: int = 16, sdpa_gqa: bool = False):
+    def __init__(self, kv: int = 2, rep: int = 2, head_dim: int = 4, d: int = 16, sdpa_gqa: bool = False,
+                 matmul: bool = False):
         super().__init__()
-        self.rep, self.head_dim, self.sdpa_gqa = rep, head_dim, sdpa_gqa
+        self.rep, self.head_dim, self.sdpa_gqa, self.matmul = rep, head_dim, sdpa_gqa, matmul
         self.q = nn.Linear(d, kv * rep * head_dim)
         self.k, self.v = nn.Linear(d, kv * head_dim), nn.Linear(d, kv * head_dim)
         self.o = nn.Linear(kv * rep * head_dim, d)
@@ -340,5 +342,8 @@ class GroupedQuery(nn.Module):
         else:
             k, v = (z[:, :, None].expand(b, z.shape[1], self.rep, t, self.head_dim).reshape(b, -1, t, self.head_dim)
                     for z in (k, v))
-            a = F.scaled_dot_product_attention(q, k, v)
+            if self.matmul:
+                a = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, dim=-1) @ v
+            else:
+                a = F.scaled_dot_product_attention(q, k, v)
         return x + self.o(a.transpose(1, 2).reshape(b, t, -1))

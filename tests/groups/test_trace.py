@@ -464,32 +464,74 @@ def test_one_conv_group_is_not_left_by_a_prune() -> None:
     assert convs.dw.groups == convs.dw.out_channels == 5
 
 
-def test_one_key_value_head_is_left_by_a_prune_only_where_it_traces_as_a_group() -> None:
-    """A key/value head repeated for its query heads by expand and reshape (Hugging Face's
-    repeat_kv) is, once alone, a size-1 dim read as a broadcast: the prune is undone. Shared by
-    SDPA (enable_gqa), one key/value head traces as several do, and the prune stands."""
+# How grouped-query attention shares its key/value heads: repeated for the query heads by expand and
+# reshape (Hugging Face's repeat_kv) into SDPA or into matmuls (HF's eager attention), or left to SDPA.
+SHARED_KV = {"repeat-sdpa": {}, "repeat-matmul": {"matmul": True}, "sdpa-gqa": {"sdpa_gqa": True}}
+
+
+def _made_of(model: nn.Module, group: an.UnitGroup) -> list[tuple[str, str, int, str, Any]]:
+    """A group's slices by module name, tensor, dim, role and layout (where its units lie)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return sorted(((names[id(sl.module)], sl.name, sl.dim, sl.role, sl.layout) for sl in group.slices), key=repr)
+
+
+@pytest.mark.parametrize("rep", [1, 2, 3])
+@pytest.mark.parametrize("how", list(SHARED_KV))
+def test_one_key_value_head_shared_by_all_query_heads_is_a_group_as_two_are(how: str, rep: int) -> None:
+    """Multi-query attention: one key/value head, repeated by repeat_kv for all query heads (a size-1
+    dim merged with the copies expand made) or shared by SDPA, traces as two key/value heads do: the
+    same group, of one unit (the key/value head with its query heads). Widening adds a key/value
+    head with its query heads, exactly, and training goes on with the optimizer in sync."""
+    x = torch.randn(3, 5, 16, dtype=F64)
+
+    def build(kv: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = gm.GroupedQuery(kv=kv, rep=rep, **SHARED_KV[how]).to(F64)
+        an.unit_groups(model, (x,))
+        return model
+
+    model, two = build(1), build(2)
+    groups = an.unit_groups(model)
+    assert list(groups) == list(an.unit_groups(two)) == ["q"]
+    assert _made_of(model, groups["q"]) == _made_of(two, an.unit_groups(two)["q"])
+    assert groups["q"].size == 1 and an.unit_groups(two)["q"].size == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt, x)  # optimizer state exists before the edits
+    for init in ("zero", "net2net"):
+        before = _out(model, x)
+        an.widen(model, "q", 1, init=init, optimizer=opt, generator=torch.Generator().manual_seed(1))
+        assert _relative(_out(model, x), before) <= 1e-8, init
+        _in_sync(model, opt)
+        assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+        _in_sync(model, opt)
+    assert an.unit_groups(model)["q"].size == 3 and an.unit_groups(copy.deepcopy(model), (x,))["q"].size == 3
+    assert model.k.out_features == model.v.out_features == 3 * 4  # a key/value head of head_dim 4 each
+    assert model.q.out_features == model.o.in_features == 3 * rep * 4  # with its rep query heads
+
+
+@pytest.mark.parametrize("how", list(SHARED_KV))
+def test_grouped_query_prunes_to_one_key_value_head_which_trains_traces_again_and_widens_back(how: str) -> None:
+    """One key/value head traces as several do, however it is shared, so a prune may leave one: it
+    stands, training goes on, a new trace finds the group again, and widening adds heads back exactly."""
     x = torch.randn(3, 5, 16, dtype=F64)
     torch.manual_seed(0)
-    model = gm.GroupedQuery().to(F64)
+    model = gm.GroupedQuery(**SHARED_KV[how]).to(F64)
     assert an.unit_groups(model, (x,))["q"].size == 2
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _step(model, opt, x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(an.EditError, match=r"to 1 unit: traced again, its one unit is no unit group.*keep at least 2"):
-        an.prune(model, "q", keep=1, optimizer=opt)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    _in_sync(model, opt)
-    assert an.unit_groups(model)["q"].size == 2
-
-    torch.manual_seed(0)
-    model = gm.GroupedQuery(sdpa_gqa=True).to(F64)
-    an.unit_groups(model, (x,))
-    an.prune(model, "q", keep=1)
+    an.prune(model, "q", keep=1, optimizer=opt)
     assert model.k.out_features == 4 and model.q.out_features == 8  # one key/value head, its two query heads
-    assert an.unit_groups(copy.deepcopy(model), (x,))["q"].size == 1
-    before = _out(model, x)
-    an.widen(model, "q", 1, init="zero")
-    assert _relative(_out(model, x), before) <= 1e-8 and model.q.out_features == 16
+    _in_sync(model, opt)
+    assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+    assert an.unit_groups(model)["q"].size == 1
+    assert an.unit_groups(copy.deepcopy(model), (x,))["q"].size == 1  # a new trace, as after a load
+    for init in ("zero", "net2net"):
+        before = _out(model, x)
+        an.widen(model, "q", 1, init=init, optimizer=opt, generator=torch.Generator().manual_seed(1))
+        assert _relative(_out(model, x), before) <= 1e-8, init
+        _in_sync(model, opt)
+        assert torch.isfinite(torch.tensor(_step(model, opt, x)))
+    assert an.unit_groups(model)["q"].size == 3 and model.q.out_features == model.o.in_features == 24
 
 
 def test_gradmax_where_its_probe_cannot_run_says_so_in_an_edit_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,15 @@ def llama() -> nn.Module:  # grouped-query attention: 4 query heads share 2 key/
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def llama_heads(kv: int, heads: int, attention: str = "sdpa") -> nn.Module:
+    """A Llama of ``kv`` key/value heads for ``heads`` query heads of head_dim 4 (``kv=1``: multi-query)."""
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=4, vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attn_implementation=attention)).to(F64)
 
 
 def bert() -> nn.Module:
@@ -91,6 +101,69 @@ def test_a_new_key_value_head_brings_its_query_heads() -> None:
     assert an.unit_groups(model)["model.layers.0.self_attn.q_proj"].size == 2  # key/value heads
     an.widen(model, "model.layers.0.self_attn.q_proj", 1, init="zero")
     assert attn.k_proj.out_features == 3 * 4 and attn.q_proj.out_features == 6 * 4 and attn.o_proj.in_features == 24
+
+
+def _made_of(model: nn.Module, group: an.UnitGroup) -> list[tuple[str, str, int, str, object]]:
+    names = {id(m): name for name, m in model.named_modules()}
+    return sorted(((names[id(sl.module)], sl.name, sl.dim, sl.role, sl.layout) for sl in group.slices), key=repr)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    model.train()
+    opt.zero_grad()
+    loss = model(ids).logits.pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    for p in model.parameters():
+        assert all(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape == p.shape for v in opt.state[p].values())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_multi_query_llama_traces_as_grouped_query_does_and_widens_exactly(attention: str) -> None:
+    """num_key_value_heads=1: repeat_kv repeats the one key/value head for all 4 query heads. It is
+    the heads group that 2 key/value heads of 4 query heads each give, of one unit; widening adds a
+    key/value head with its 4 query heads, exactly, and training goes on with AdamW in sync."""
+    ids = torch.randint(1, VOCAB, (2, 6))
+    model, two = llama_heads(1, 4, attention), llama_heads(2, 8, attention)
+    groups, groups_two = an.unit_groups(model, (ids,)), an.unit_groups(two, (ids,))
+    assert list(groups) == list(groups_two)
+    for name in groups:
+        assert _made_of(model, groups[name]) == _made_of(two, groups_two[name]), name
+    heads = "model.layers.0.self_attn.q_proj"
+    assert groups[heads].size == 1 and groups_two[heads].size == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_step(model, opt, ids)
+    for init in ("zero", "net2net"):
+        before = _logits(model, ids)
+        an.widen(model, heads, 1, init=init, optimizer=opt)
+        assert _relative(_logits(model, ids), before) <= 1e-8, init
+        _train_step(model, opt, ids)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == attn.v_proj.out_features == 3 * 4
+    assert attn.q_proj.out_features == attn.o_proj.in_features == 3 * 4 * 4
+    assert an.unit_groups(model)[heads].size == 3
+
+
+def test_llama_prunes_to_one_key_value_head_and_widens_back_exactly() -> None:
+    """From 2 key/value heads to 1 (multi-query attention): the prune stands, a new trace finds the
+    group again, training goes on, and widening adds the key/value head back exactly."""
+    model, ids = _build("llama")
+    heads = "model.layers.0.self_attn.q_proj"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _train_step(model, opt, ids)
+    an.prune(model, heads, keep=1, optimizer=opt)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 4 and attn.q_proj.out_features == 2 * 4  # one key/value head, 2 query heads
+    _train_step(model, opt, ids)
+    assert an.unit_groups(model)[heads].size == 1
+    assert an.unit_groups(copy.deepcopy(model), (ids,))[heads].size == 1
+    for init in ("zero", "net2net"):
+        before = _logits(model, ids)
+        an.widen(model, heads, 1, init=init, optimizer=opt)
+        assert _relative(_logits(model, ids), before) <= 1e-8, init
+        _train_step(model, opt, ids)
+    assert an.unit_groups(model)[heads].size == 3 and attn.q_proj.out_features == 6 * 4
 
 
 STREAMS = {"gpt2": "transformer.wte", "llama": "model.embed_tokens", "bert": "bert.embeddings.word_embeddings"}

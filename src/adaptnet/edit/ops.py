@@ -244,9 +244,9 @@ def prune(
     Give exactly one of ``amount`` (a fraction in (0, 1)), ``keep`` (units left) or
     ``units`` (indices to remove). With ``amount``/``keep`` the least important units go,
     by ``importance`` (``"magnitude"`` or ``"taylor"``). ``batch`` measures the output change
-    (and feeds ``taylor``, which also needs ``loss_fn``). One unit may be left (one attention head
-    too), except where one unit would trace differently: one group of a grouped convolution, or one
-    key/value head repeated by hand for its query heads (``EditError``, the model unchanged).
+    (and feeds ``taylor``, which also needs ``loss_fn``). One unit may be left (one attention head,
+    or one key/value head with its query heads, too), except where one unit would trace
+    differently: one group of a grouped convolution (``EditError``, the model unchanged).
     """
     group = find_group(model, layer, "layer")
     n = group.size
@@ -279,9 +279,9 @@ def prune(
             f"pruning {group.name} to 1 unit would leave one group of a grouped convolution, which then "
             "traces as a plain convolution (its channels no longer one group): keep at least 2"
         )
-    # One unit is a size-1 dim, which a trace may read as no unit at all (one key/value head repeated
-    # by hand for its query heads): the group would vanish at the next trace. One attention head, or
-    # one flattened channel, traces as several do; the edit checks it by tracing again.
+    # One unit is a size-1 dim, which a trace may read as no unit at all: the group would vanish at
+    # the next trace. One attention head, one key/value head with its query heads, or one flattened
+    # channel, traces as several do; the edit checks it by tracing again.
     retrace_one = n - n_remove == 1 and _units_of_several_entries(group)
     if importance == "taylor" and chosen is None and batch is not None:
         if loss_fn is None:

@@ -408,9 +408,10 @@ def verify_one_unit(model: nn.Module, name: str) -> str | None:
     """After a prune leaves group ``name`` one unit: trace again and check that the group is still
     there, made of the same tensor dims. One unit is a size-1 dim, and most size-1 dims carry no
     index (an unsqueeze, a broadcast). One attention head is read as a head (``_heads.py``), and so
-    is one key/value head that SDPA shares with ``enable_gqa``, but not one repeated by hand for
-    its query heads (``expand`` and ``reshape``, Hugging Face's ``repeat_kv``): that group would
-    vanish at the next trace (a depth edit, a load) and never grow again. Returns what differs, or None.
+    is one key/value head, shared by SDPA's ``enable_gqa`` or repeated for its query heads by
+    ``expand`` and ``reshape`` (Hugging Face's ``repeat_kv``). A one-unit group that a trace would
+    read otherwise would vanish at the next trace (a depth edit, a load) and never grow again.
+    Returns what differs, or None.
     """
     if isinstance(model, DeclaresGroups):
         return None
