@@ -3,8 +3,9 @@
 Each case draws, from its seed, a model in float64 (adaptnet's ``AdaptiveMLP``/``AdaptiveCNN`` with
 residual blocks, or a user's model traced by adaptnet: an MLP class, a pre-norm residual stack in an
 ``nn.Sequential``, a conv net with BatchNorm and depthwise convs, a hand-written attention with
-``view(b, t, -1, head_dim)``, a net around one of adaptnet's input-adaptive modules (EarlyExit,
-PonderNet, ACT, MoE), and a tiny Hugging Face GPT-2 or Llama when ``transformers`` imports),
+``view(b, t, -1, head_dim)``, an ``nn.Sequential`` of torch's layers, a net around one of
+adaptnet's input-adaptive modules (EarlyExit, PonderNet, ACT, MoE), and a tiny Hugging Face GPT-2
+or Llama when ``transformers`` imports),
 an optimizer adaptnet carries (SGD with momentum, Adam, AdamW, NAdam, RAdam, Adamax, RMSprop,
 Adagrad), then a random sequence of actions: training steps, widen (every init), prune (amount,
 keep, units; magnitude, taylor), deepen and remove_layer (by index on adaptnet's models, by block
@@ -319,6 +320,20 @@ def build_model(case: Case, rng: random.Random, kinds: list[str]) -> None:
         case.model = ConvNet(n_in, c, [rng.randint(1, 8) for _ in range(rng.randint(1, 2))], classes)
         case.x, case.y = torch.randn(batch, n_in, side, side), torch.randint(0, classes, (batch,))
         case.loss_fn, case.stacks = F.cross_entropy, ["blocks"]
+    elif kind == "torch-sequential":  # torch's layers alone: edits skip the run on the example inputs
+        n_in, n_out = rng.randint(2, 6), rng.randint(1, 3)
+        layers: list[nn.Module] = []
+        width = n_in
+        for _ in range(rng.randint(1, 3)):
+            hidden = rng.randint(1, 12)
+            layers.append(nn.Linear(width, hidden))
+            norm = rng.choice([None, "batch", "layer"])
+            if norm is not None:
+                layers.append(nn.BatchNorm1d(hidden) if norm == "batch" else nn.LayerNorm(hidden))
+            layers.append(rng.choice([nn.ReLU(), nn.Tanh(), nn.GELU(), nn.SiLU(), nn.Dropout(0.0)]))
+            width = hidden
+        case.model = nn.Sequential(*layers, nn.Linear(width, n_out))
+        case.x, case.y, case.loss_fn = torch.randn(batch, n_in), torch.randn(batch, n_out), F.mse_loss
     elif kind == "user-adaptive":
         n_in, n_out, width = rng.randint(2, 6), rng.randint(1, 3), rng.randint(2, 8)
         inner, inner_out = _adaptive(rng, width)
@@ -971,7 +986,10 @@ class Runner:
                 add(f"remove_layer({layer}) (not removable)", lambda: an.remove_layer(model, layer, optimizer=opt))
         else:
             stack = rng.choice(case.stacks) if case.stacks else "blocks"
-            bad_block = rng.choice(["nope", f"{stack}.99", f"{stack}.-1", stack, "head", f"{stack}.x", names[0]])
+            bad = ["nope", f"{stack}.99", f"{stack}.-1", stack, "head", f"{stack}.x"]
+            if not isinstance(model, nn.Sequential):  # in an nn.Sequential, "0" names a block of the stack it is
+                bad.append(names[0])
+            bad_block = rng.choice(bad)
             add(f"deepen(after={bad_block!r})", lambda: an.deepen(model, bad_block, optimizer=opt))
             add(f"remove_layer({bad_block!r})", lambda: an.remove_layer(model, bad_block, optimizer=opt))
             add("deepen(after=0) (an index on a user's model)", lambda: an.deepen(model, 0, optimizer=opt))
@@ -1088,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = 180.0
     torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared machine
     kinds = ["own-mlp", "own-mlp", "own-cnn", "own-cnn", "user-mlp", "user-stack", "user-stack", "user-conv",
-             "user-conv", "user-attention", "user-attention", "user-adaptive"]
+             "user-conv", "user-attention", "user-attention", "user-adaptive", "torch-sequential"]
     if _hf_available():
         kinds += ["hf-gpt2", "hf-llama"]
     if args.kind:

@@ -361,6 +361,33 @@ def test_a_size_written_into_the_code_is_caught_and_undone(heads: int) -> None:
         an.prune(model, "q", keep=3)
 
 
+def test_a_model_of_torch_layers_alone_is_not_run_after_an_edit_but_a_shape_it_holds_is() -> None:
+    """An nn.Sequential of torch's layers takes every size from its tensors: its edit skips the run
+    on the example inputs (a forward pass, as for adaptnet's own models). An Unflatten holds a shape:
+    with one in the model the run stays, and catches the edit the shape forbids."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    unflat = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Unflatten(1, (2, 4)), nn.Flatten(),
+                           nn.Linear(8, 2))
+    for model in (plain, unflat):
+        an.unit_groups(model, (x,))
+    runs = {id(plain): 0, id(unflat): 0}
+    for model in (plain, unflat):
+        model.register_forward_pre_hook(lambda module, args: runs.__setitem__(id(module), runs[id(module)] + 1))
+    an.widen(plain, "0", 2, init="net2net")
+    an.widen(plain, "2", 2, init="net2net")
+    assert runs[id(plain)] == 0 and plain[2].out_features == 10
+    an.widen(unflat, "0", 2, init="net2net")  # read by a Linear only: fine
+    assert runs[id(unflat)] >= 1
+    # the graph shows (2, 4) as two units of 4 channels, but the Unflatten holds (2, 4): undone
+    assert an.unit_groups(unflat)["2"].size == 2
+    before = _out(unflat, x)
+    with pytest.raises(an.EditError, match="undone"):
+        an.widen(unflat, "2", 1, init="zero")
+    assert unflat[2].out_features == 8 and torch.equal(_out(unflat, x), before)
+
+
 @pytest.mark.parametrize("init", ["net2net", "zero"])
 def test_policies_leave_alone_groups_their_init_cannot_grow_exactly(init: str) -> None:
     torch.manual_seed(0)

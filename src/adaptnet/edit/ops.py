@@ -80,13 +80,31 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _own(model: nn.Module) -> bool:
-    """adaptnet's own traced models built of adaptnet's and torch's modules only: their forward
-    computes every size from the tensors, so a width edit of a traced group cannot make it fail or
-    change its output shapes, and the run on the example inputs (a forward pass) is skipped."""
-    if isinstance(model, DeclaresGroups) or not type(model).__module__.startswith("adaptnet.nn."):
+# torch.nn's modules whose forward takes every size from its tensors (or from attributes that
+# refresh_sizes keeps in step, such as a conv's groups): a model made of these alone writes no size
+# down. Left out: MultiheadAttention (checks its sizes in Python), Unflatten and Fold (hold a shape),
+# PReLU, the recurrent modules (check their input size), and any user subclass (another __module__).
+_SIZE_FREE_FILES = {f"torch.nn.modules.{name}"
+                    for name in ("activation", "dropout", "padding", "pooling", "upsampling")}
+_SIZE_FREE_TORCH = frozenset({
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Linear, nn.Embedding,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+    *(cls for cls in vars(nn).values() if isinstance(cls, type) and cls.__module__ in _SIZE_FREE_FILES
+      and cls not in (nn.MultiheadAttention, nn.PReLU)),
+})
+
+
+def _sizes_from_tensors(model: nn.Module) -> bool:
+    """Whether the model's forward takes every size from its tensors: adaptnet's own models (built
+    of adaptnet's and torch's modules), and models built of ``_SIZE_FREE_TORCH`` modules alone (an
+    ``nn.Sequential`` of layers). A width edit of a traced group cannot make their forward fail or
+    change its output shapes, so the run on the example inputs (a forward pass) is skipped."""
+    if isinstance(model, DeclaresGroups):
         return False
-    return all(type(m).__module__.startswith(("adaptnet.nn.", "torch.nn.")) for m in model.modules())
+    if type(model).__module__.startswith("adaptnet.nn."):
+        return all(type(m).__module__.startswith(("adaptnet.nn.", "torch.nn.")) for m in model.modules())
+    return all(type(m) in _SIZE_FREE_TORCH for m in model.modules())
 
 
 def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Tensor] | None:
@@ -95,11 +113,11 @@ def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Te
     A traced model is run on its example inputs: an edit after which its forward fails or its
     outputs change shape, or (checked once per group, by tracing again) its unit groups are no
     longer what they were, is undone. That is what a size written into a model's code does
-    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``). Width edits of adaptnet's
-    own models skip the run (``_own``): their code writes no size down.
+    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``). Width edits of models whose
+    code writes no size down skip the run (``_sizes_from_tensors``).
     """
     try:
-        inputs = None if group and _own(model) else inputs_for(model)
+        inputs = None if group and _sizes_from_tensors(model) else inputs_for(model)
     except EditError:
         inputs = None  # never traced (an edit of a part of a model, such as grow_experts)
     failure = None
