@@ -1,8 +1,6 @@
 """``python -m adaptnet``: the same as the ``adaptnet`` command."""
 
-import sys
-
-from adaptnet.cli.main import main
+from adaptnet.cli.main import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

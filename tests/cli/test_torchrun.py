@@ -15,9 +15,11 @@ a free local port).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +48,40 @@ WHERES: list[str | int] = ["gradient", "round_robin", "last", 0]
 INITS = ["net2net", "firefly", "zero", "gradmax", "random"]
 
 
+ABORT = "terminate called without an active exception"
+
+
 def _torchrun(nproc: int, config: Path, out: Path, overrides: list[str], timeout: float = 240) -> str:
     """``torchrun --standalone --nproc_per_node=N -m adaptnet train CONFIG K=V... --out OUT --quiet``;
     asserts a clean exit and returns stdout (rank 0's summary). The overrides follow the config:
-    argparse takes no positional arguments after the options."""
+    argparse takes no positional arguments after the options.
+
+    A launch in which a rank aborted with gloo's C++ "terminate called" is run once more, with a
+    warning that holds its output: that abort, rare and not reproducible on demand, is gloo's, not
+    the run's (docs/distributed.md, "Exit"); faulthandler prints the aborting rank's Python stacks.
+    Any other failure, or the abort twice, fails the test."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "adaptnet", "train", str(config), *overrides, "--out", str(out), "--quiet"]
-    # Its own session, so that a timeout kills torchrun's agent and every rank (no orphans).
-    proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{stdout[-2000:]}\n"
-                             f"{stderr[-4000:]}") from None
+    for attempt in (1, 2):
+        # Its own session, so that a timeout kills torchrun's agent and every rank (no orphans).
+        proc = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{stdout[-2000:]}\n"
+                                 f"{stderr[-4000:]}") from None
+        if proc.returncode != 0 and ABORT in stderr and attempt == 1:
+            warnings.warn(f"a rank aborted in gloo ({ABORT!r}); launching once more. Its output:\n"
+                          f"{stdout[-2000:]}\n{stderr[-6000:]}", stacklevel=2)
+            shutil.rmtree(out, ignore_errors=True)
+            continue
+        break
     assert proc.returncode == 0, f"exit status {proc.returncode}: {' '.join(cmd)}\n{stdout[-2000:]}\n{stderr[-4000:]}"
     assert "terminate called" not in stderr, stderr[-4000:]
     return stdout

@@ -15,10 +15,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from adaptnet import __version__
 from adaptnet.cli import export, inspect_run, report, resume, train
 from adaptnet.cli._common import CLIError
+from adaptnet.train.distributed import exit_process
 from adaptnet.train.trainer import TrainingError
 
 # Subcommand modules owned by others, registered when present (same add_parser/run protocol).
@@ -98,5 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.propagate = saved[1]
 
 
+def entry() -> NoReturn:
+    """The ``adaptnet`` command and ``python -m adaptnet``: ``main()``'s status as the exit status
+    (a torchrun rank leaves without the C++ teardown: ``adaptnet.train.distributed.exit_process``)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

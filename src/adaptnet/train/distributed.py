@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -189,6 +189,20 @@ def _shutdown() -> None:
             torch_dist.destroy_process_group()
         except Exception as err:  # exiting anyway: say why, never mask the exit status
             logger.warning("could not destroy the process group at exit: %s", err)
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the command with ``status``. A rank of a process group runs the exit handlers (the
+    destroy of the group above among them) and then leaves with ``os._exit``, before the C++ static
+    destructors: gloo's threads, torn down there, still aborted a rank that had finished its work
+    now and then ("terminate called without an active exception", exit -6, and torchrun calls the
+    whole run failed; see docs/distributed.md). Any other process exits as usual."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def from_env(device: torch.device) -> Dist | None:
