@@ -297,10 +297,11 @@ def prune(
             f"pruning {group.name} to 1 unit would leave one group of a grouped convolution, which then "
             "traces as a plain convolution (its channels no longer one group): keep at least 2"
         )
-    # One unit is a size-1 dim, which a trace may read as no unit at all: the group would vanish at
-    # the next trace. One attention head, one key/value head with its query heads, or one flattened
-    # channel, traces as several do; the edit checks it by tracing again.
-    retrace_one = n - n_remove == 1 and _units_of_several_entries(group)
+    # One unit is a size-1 dim, which a trace may read as no unit at all (a broadcast): the group
+    # would vanish at the next trace and never grow again. A hidden layer's one unit, one attention
+    # head, one key/value head with its query heads trace as several do; a transformer's residual
+    # stream of one channel (its norms' weights then broadcast) does not. The edit traces again to see.
+    retrace_one = n - n_remove == 1
     if importance == "taylor" and chosen is None and batch is not None:
         if loss_fn is None:
             raise EditError("importance='taylor' with batch= needs loss_fn=")
@@ -331,12 +332,6 @@ def _grouped_conv(group: UnitGroup) -> bool:
     """The units are the groups of a grouped convolution (a depthwise conv's channels)."""
     return any(isinstance(sl.module, nn.modules.conv._ConvNd) and sl.module.groups == group.size > 1
                for sl in group.slices)
-
-
-def _units_of_several_entries(group: UnitGroup) -> bool:
-    """A unit spans several entries of some tensor: an attention head (head_dim rows), a key/value
-    head with its query heads, a flattened channel (H*W columns)."""
-    return any(sl.layout is not None and int(sl.tensor.shape[sl.dim]) > group.size for sl in group.slices)
 
 
 def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, int]:
