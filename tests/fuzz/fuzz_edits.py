@@ -14,8 +14,9 @@ name on a user's stacks), and invalid requests. After every action:
 * an exact edit (widen with ``net2net``/``firefly``/``zero``/``gradmax``, deepen) kept the outputs
   (relative change <= 1e-8, eval mode; 1e-5 for Llama's stream, whose RMSNorm computes in float32);
   an exact init that adaptnet refuses with ``EditError`` is accepted (and counted), and so is
-  ``exact=False`` where the group's units are mixed or tied; a prune to one unit that the trace
-  would no longer find (a pre-norm stream of one channel) is refused unchanged, and counted;
+  ``exact=False`` where the group's units are mixed or tied; a prune to one unit that a new trace
+  would not find as the same group (a pre-norm stream of one channel; GPT-2's MLP of one unit, whose
+  ``Conv1D`` weight column then reads as a broadcast) is refused unchanged, and counted;
 * a widen or prune changed the group's size by what was asked, and left every parameter outside
   the group (values and ``.grad``) bit-identical; ``Edit.max_output_change`` is the change measured;
 * the optimizer holds exactly the model's parameters, with per-element state (and ``.grad``)
@@ -576,7 +577,7 @@ class Stats:
     exact: int = 0  # exact edits whose outputs were checked
     inexact: int = 0  # exact=False on a group where the init cannot be exact
     refused_exact: Counter[str] = field(default_factory=Counter)  # exact inits refused, by init
-    refused_one: int = 0  # prunes to one unit that a new trace would not find (refused, model unchanged)
+    refused_one: int = 0  # prunes to one unit a new trace would not find as the same group (refused, unchanged)
     refused_depth: int = 0  # deepen of a block that turned out not residual (refused, model unchanged)
     invalid: int = 0
     steps: int = 0
@@ -769,7 +770,7 @@ class Runner:
             assert_unchanged(case, snap, err)
             if n - k == 1 and REFUSED_ONE in str(err):
                 self.stats.refused_one += 1
-                self.note(f"refused (one unit would vanish): {err}")
+                self.note(f"refused (one unit would not trace as the same group): {err}")
                 return None
             raise Failure(f"a valid prune was refused: {err}") from err
         after = outputs(case)
@@ -1091,7 +1092,7 @@ def summary(stats: Stats, seconds: float, seed: int) -> str:
     return (f"{stats.cases} models, {stats.actions} actions in {seconds:.0f} s (seed {seed}): {edits} edits applied "
             f"({by_op}), {stats.exact} of them checked exact, {stats.inexact} exact=False on mixed/tied groups; "
             f"{refused} exact inits refused by a mixed or tied group; {stats.refused_one} prunes to one unit "
-            f"refused (the group would vanish); {stats.invalid} invalid requests refused "
+            f"refused (not the same group on a new trace); {stats.invalid} invalid requests refused "
             f"unchanged; {stats.steps} training steps; {stats.failed} failed\n  models: {kinds}"
             + "".join(f"\n  failed {count}x: {problem}" for problem, count in stats.problems.most_common()))
 

@@ -203,22 +203,29 @@ def test_the_residual_stream_widens_exactly_by_any_amount_with_adamw_carried(nam
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_a_pre_norm_stream_is_not_pruned_to_one_channel_which_would_vanish_from_the_groups(name: str) -> None:
-    """One channel of a pre-norm stream is a size-1 dim that its norms' weights broadcast over: a new
-    trace would find no group and the stream could never grow again. The prune is undone, bit for bit."""
+ONE_UNIT_REFUSED = [  # (model, group, what a new trace would find)
+    ("gpt2", STREAMS["gpt2"], "no unit group"), ("llama", STREAMS["llama"], "no unit group"),
+    ("gpt2", "transformer.h.1.mlp.c_fc", "a group of other tensors"),
+]
+
+
+@pytest.mark.parametrize(("name", "group", "found"), ONE_UNIT_REFUSED)
+def test_a_prune_to_one_unit_that_a_new_trace_would_not_find_is_undone(name: str, group: str, found: str) -> None:
+    """One channel of a pre-norm stream is a size-1 dim its norms' weights broadcast over (a new trace
+    finds no group: it could never grow again); GPT-2's MLP of one unit loses its Conv1D weight from the
+    group. The prune is undone, bit for bit; keeping 2 stands and traces again."""
     model, ids = _build(name)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _train_step(model, opt, ids)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {id(p): s["exp_avg"].clone() for p, s in opt.state.items()}
-    with pytest.raises(an.EditError, match=r"to 1 unit: traced again, its one unit is no unit group.*keep at least 2"):
-        an.prune(model, STREAMS[name], keep=1, optimizer=opt)
+    with pytest.raises(an.EditError, match=rf"to 1 unit: traced again, its one unit is {found}.*keep at least 2"):
+        an.prune(model, group, keep=1, optimizer=opt)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
-    an.prune(model, STREAMS[name], keep=2, optimizer=opt)
-    assert an.unit_groups(copy.deepcopy(model), (ids,))[STREAMS[name]].size == 2
+    an.prune(model, group, keep=2, optimizer=opt)
+    assert an.unit_groups(copy.deepcopy(model), (ids,))[group].size == 2
     _train_step(model, opt, ids)
 
 
