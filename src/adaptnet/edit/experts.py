@@ -70,9 +70,10 @@ from torch import nn
 from adaptnet._tensor import set_parameter
 from adaptnet.edit._apply import apply_index_map
 from adaptnet.edit._probe import eval_mode
+from adaptnet.edit._run import run_edit
 from adaptnet.edit.index_map import IndexMap
 from adaptnet.edit.init import uniform
-from adaptnet.edit.ops import check_positive, run_edit
+from adaptnet.edit.ops import check_positive
 from adaptnet.edit.record import Edit
 from adaptnet.errors import EditError
 from adaptnet.nn.moe import MoE

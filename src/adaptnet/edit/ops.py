@@ -9,7 +9,7 @@ then re-point the optimizer at the new parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -20,16 +20,17 @@ from adaptnet.edit import depth as _depth
 from adaptnet.edit import importance as _importance
 from adaptnet.edit import init as _init
 from adaptnet.edit._apply import apply_index_map
-from adaptnet.edit._probe import LossFn, max_change, outputs_of, outputs_on, split_batch
-from adaptnet.edit._transaction import Snapshot, transaction
+from adaptnet.edit._probe import LossFn, split_batch
+from adaptnet.edit._run import model_widths, run_edit
+from adaptnet.edit._transaction import Snapshot
 from adaptnet.edit.index_map import IndexMap
-from adaptnet.edit.optim import NEW_STATES, check_optimizer, sync_parameters
+from adaptnet.edit.optim import NEW_STATES, sync_parameters
 from adaptnet.edit.record import Edit
 from adaptnet.edit.splitting import splitting_scores
 from adaptnet.errors import EditError
-from adaptnet.groups import find_group, inputs_for, trace, verify_group, verify_one_unit, widths
+from adaptnet.groups import find_group, verify_one_unit
 from adaptnet.nn.groups import UnitGroup
-from adaptnet.nn.protocols import DeclaresGroups, InsertsBlocks
+from adaptnet.nn.protocols import InsertsBlocks
 
 Optimizer = torch.optim.Optimizer
 Layer = int | str
@@ -70,102 +71,6 @@ def check_positive(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise EditError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _widths(model: nn.Module) -> tuple[int, ...]:
-    return tuple(widths(model))
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# torch.nn's modules whose forward takes every size from its tensors (or from attributes that
-# refresh_sizes keeps in step, such as a conv's groups): a model made of these alone writes no size
-# down. Left out: MultiheadAttention (checks its sizes in Python), Unflatten and Fold (hold a shape),
-# PReLU, the recurrent modules (check their input size), and any user subclass (another __module__).
-_SIZE_FREE_FILES = {f"torch.nn.modules.{name}"
-                    for name in ("activation", "dropout", "padding", "pooling", "upsampling")}
-_SIZE_FREE_TORCH = frozenset({
-    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Linear, nn.Embedding,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
-    *(cls for cls in vars(nn).values() if isinstance(cls, type) and cls.__module__ in _SIZE_FREE_FILES
-      and cls not in (nn.MultiheadAttention, nn.PReLU)),
-})
-
-
-def _sizes_from_tensors(model: nn.Module) -> bool:
-    """Whether the model's forward takes every size from its tensors: adaptnet's own models (built
-    of adaptnet's and torch's modules), and models built of ``_SIZE_FREE_TORCH`` modules alone (an
-    ``nn.Sequential`` of layers). A width edit of a traced group cannot make their forward fail or
-    change its output shapes, so the run on the example inputs (a forward pass) is skipped."""
-    if isinstance(model, DeclaresGroups):
-        return False
-    if type(model).__module__.startswith("adaptnet.nn."):
-        return all(type(m).__module__.startswith(("adaptnet.nn.", "torch.nn.")) for m in model.modules())
-    return all(type(m) in _SIZE_FREE_TORCH for m in model.modules())
-
-
-def _check_after_edit(model: nn.Module, batch: Any, group: str) -> list[torch.Tensor] | None:
-    """Run the edited model (inside the transaction) and return its outputs on ``batch``.
-
-    A traced model is run on its example inputs: an edit after which its forward fails or its
-    outputs change shape, or (checked once per group, by tracing again) its unit groups are no
-    longer what they were, is undone. That is what a size written into a model's code does
-    (``view(b, 4, ...)``, ``split(7)``, ``view(b, -1, n_heads, d)``). Width edits of models whose
-    code writes no size down skip the run (``_sizes_from_tensors``).
-    """
-    try:
-        inputs = None if group and _sizes_from_tensors(model) else inputs_for(model)
-    except EditError:
-        inputs = None  # never traced (an edit of a part of a model, such as grow_experts)
-    failure = None
-    try:
-        if inputs is not None:
-            shapes = [tuple(t.shape) for t in outputs_of(model, inputs)]
-            if shapes != trace(model).output_shapes:
-                failure = f"its outputs are {shapes}, not {trace(model).output_shapes}"
-        outputs = outputs_on(model, batch) if batch is not None else None
-    except Exception as err:
-        failure = f"its forward fails: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if failure is None and inputs is not None and group:
-        failure = verify_group(model, group)
-    if failure is not None:
-        raise EditError(
-            f"after the edit, {failure}; the edit is undone. Does {type(model).__name__}'s code write a size down "
-            "(view(b, 4, ...), split(7), view(b, -1, n_heads, d))? Compute sizes from the tensors instead "
-            "(view(b, -1, ...), chunk(2), view(b, t, -1, d))"
-        )
-    return outputs
-
-
-def run_edit(
-    model: nn.Module,
-    optimizer: Optimizer | None,
-    batch: Any,
-    body: Callable[[], tuple[tuple[int, ...], tuple[int, ...]]],
-    **record: Any,
-) -> Edit:
-    """Apply ``body`` transactionally and describe what it did."""
-    if optimizer is not None:
-        check_optimizer(optimizer, model)
-    widths, params = _widths(model), _count(model)
-    before = outputs_on(model, batch) if batch is not None else None
-    with transaction(model, optimizer):
-        added, removed = body()
-        after = _check_after_edit(model, batch, record["group"] if record.get("op") in ("widen", "prune") else "")
-    change = max_change(before, after) if before is not None and after is not None else None
-    return Edit(
-        units_added=added,
-        units_removed=removed,
-        widths_before=widths,
-        widths_after=_widths(model),
-        params_before=params,
-        params_after=_count(model),
-        max_output_change=change,
-        **record,
-    )
 
 
 def widen(
@@ -341,7 +246,7 @@ def _own_index(model: nn.Module, value: Any, name: str) -> tuple[InsertsBlocks, 
             f"{name} must name a block inside an nn.Sequential or nn.ModuleList of residual blocks of "
             f"{type(model).__name__} (such as 'blocks.3'); got {value!r}"
         )
-    widths = _widths(model)
+    widths = model_widths(model)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(widths):
         raise EditError(
             f"{name} must be an integer in [0, {len(widths) - 1}] (the model has {len(widths)} hidden layers, "
@@ -410,7 +315,7 @@ def deepen(
         names.append(_name_of(model, block))
         if optimizer is not None:
             sync_parameters(optimizer, model, before)
-        return tuple(range(_widths(model)[index + 1])), ()
+        return tuple(range(model_widths(model)[index + 1])), ()
 
     record = run_edit(model, optimizer, batch, body, op="deepen", layer=index + 1, group="", init=init)
     return replace(record, group=names[0])
@@ -443,7 +348,7 @@ def remove_layer(
 
         return run_edit(model, optimizer, batch, drop, op="remove_layer", layer=-1, group=layer, init=None)
     own, index = _own_index(model, layer, "layer")
-    width = _widths(model)[index]
+    width = model_widths(model)[index]
     blocks = getattr(model, "blocks", None)
     name = _name_of(model, blocks[index]) if isinstance(blocks, nn.ModuleList) else str(index)
 
